@@ -1,0 +1,101 @@
+"""The backend seam: one Protocol, typed requests and responses, a picklable spec.
+
+A backend takes a batch of :class:`Request` and returns exactly one :class:`Response` per
+request, in input order, with prompt-token and cached-token counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One generation request. ``prompt`` is the rendered prompt before any chat template."""
+
+    prompt: str
+    max_tokens: int = 64
+    temperature: float = 0.0
+    seed: int | None = None
+    choices: tuple[str, ...] | None = None
+    """Constrain the answer to exactly one of these strings (where the backend can)."""
+    json_schema: str | None = None
+    """Constrain the answer to JSON matching this JSON schema (where the backend can)."""
+    ignore_eos: bool = False
+    """Generate exactly ``max_tokens`` tokens (benchmarks with random weights)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """The answer to one :class:`Request`."""
+
+    text: str
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from a cache (0 where nothing was reused)."""
+    output_tokens: int = 0
+    error: str | None = None
+    """Set when this request failed for good; ``text`` is then empty."""
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can do; rules consult this, never ``isinstance``."""
+
+    prefix_caching: bool = False
+    constrained_choice: bool = False
+    json_schema: bool = False
+    max_model_len: int = 2048
+    reports_cached_tokens: bool = False
+    block_size: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    """A picklable description of a backend: engines are built from it where they run.
+
+    ``options`` holds backend-specific settings as sorted (key, value) pairs so the spec
+    stays hashable and picklable.
+    """
+
+    kind: str
+    model: str | None = None
+    options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+
+    def option(self, key: str, default: Any = None) -> Any:
+        """Return the option ``key`` or ``default``."""
+        for k, v in self.options:
+            if k == key:
+                return v
+        return default
+
+    @staticmethod
+    def make(kind: str, model: str | None = None, **options: Any) -> BackendSpec:
+        """Build a spec from keyword options (sorted for a stable identity)."""
+        return BackendSpec(kind, model, tuple(sorted(options.items())))
+
+
+@runtime_checkable
+class LLMBackend(Protocol):
+    """The one interface every backend implements."""
+
+    name: str
+    capabilities: Capabilities
+
+    def generate(self, batch: Sequence[Request], /) -> list[Response]:
+        """Return exactly one Response per Request, in input order."""
+        ...
+
+    def count_tokens(self, text: str, /) -> int:
+        """Tokens of ``text`` as the model would see it (chat template included)."""
+        ...
+
+    def model_id(self) -> str:
+        """A stable identity of the model (path + revision/size), for caches."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine (processes, GPU memory)."""
+        ...
