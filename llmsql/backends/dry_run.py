@@ -1,0 +1,66 @@
+"""The dry-run backend: answers without a model, for EXPLAIN and cost estimation.
+
+It answers every request with a fixed, valid answer (LLM_FILTER: the first choice, i.e.
+``Yes``, so dependent steps see an upper bound of rows; LLM_CLASSIFY: the first label;
+LLM_EXTRACT: a JSON object of nulls; free text: the empty string) and counts tokens with the
+model's tokenizer when one is available locally, else estimates 1 token per 4 characters.
+It is what ``llmsql explain`` runs: a shipped feature, not a test double.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+
+from llmsql.backends.base import BackendSpec, Capabilities, Request, Response
+
+
+def estimate_tokens(text: str) -> int:
+    """About 4 characters per token, at least 1."""
+    return max(1, len(text) // 4)
+
+
+class DryRunBackend:
+    """Answers instantly with fixed valid answers; never loads a model."""
+
+    name = "dry-run"
+
+    def __init__(
+        self,
+        spec: BackendSpec | None = None,
+        *,
+        capabilities: Capabilities | None = None,
+        counter: Callable[[str], int] | None = None,
+    ) -> None:
+        self._spec = spec
+        self.capabilities = capabilities or Capabilities(
+            prefix_caching=True, constrained_choice=True, json_schema=True,
+            max_model_len=1 << 20, reports_cached_tokens=False,
+        )
+        self._count = counter or estimate_tokens
+        self.exact_tokens = counter is not None
+
+    def generate(self, batch: Sequence[Request], /) -> list[Response]:
+        """Fixed valid answers, one per request, in order."""
+        return [self._answer(r) for r in batch]
+
+    def _answer(self, r: Request) -> Response:
+        if r.choices:
+            text = r.choices[0]
+        elif r.json_schema:
+            props = json.loads(r.json_schema).get("properties", {})
+            text = json.dumps(dict.fromkeys(props))
+        else:
+            text = ""
+        return Response(text, prompt_tokens=self._count(r.prompt))
+
+    def count_tokens(self, text: str, /) -> int:
+        """Tokens of ``text`` (exact with a tokenizer, else estimated)."""
+        return self._count(text)
+
+    def model_id(self) -> str:
+        """Identity of the model whose tokens are counted."""
+        return f"dry-run:{self._spec.model if self._spec else None}"
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,348 @@
+"""The LLM step shared by every executor: input rows in, a lookup table of answers out.
+
+``run_call`` binds a call to its input rows (Arrow), lets the optimizer rewrite the batch,
+sends prompts to the backend in the chosen order, parses the answers and returns the lookup
+table (inputs + ``__llmsql_result``). The executor decides where inputs come from and where
+the lookup goes; nothing here knows about DuckDB or Spark.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from llmsql.backends.base import LLMBackend, Request, Response
+from llmsql.errors import BackendError, ContextLengthError, QueryInterrupted
+from llmsql.optimizer import RuleContext, optimize
+from llmsql.plan import ARG_PREFIX, GROUP_PREFIX, RESULT_COL, LLMCall, PromptBatch
+from llmsql.progress import Progress
+from llmsql.udfs import REGISTRY
+from llmsql.udfs.base import CallKind, Parsed, Volatility
+from llmsql.udfs.llm_agg import PARTIAL_HEADER
+from llmsql.udfs.llm_extract import TYPES, json_schema
+from llmsql.udfs.llm_filter import CHOICES
+from llmsql.udfs.prompts import render_value
+
+TEMPLATE_OVERHEAD_TOKENS = 64
+"""Room left for a chat template around the prompt when lengths are checked by bytes."""
+
+
+@dataclass(slots=True)
+class CallStats:
+    """What one LLM call did; filled while it runs."""
+
+    call_id: str
+    kind: str
+    where: str
+    rows_in: int = 0
+    distinct_prompts: int = 0
+    sent: int = 0
+    reused: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    null_answers: int = 0
+    failed: int = 0
+    truncated: int = 0
+    seconds: float = 0.0
+    notes: tuple[str, ...] = ()
+    null_reasons: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class StepEnv:
+    """What a step needs from the session: a backend per model, settings, shared memo."""
+
+    backend_for: Callable[[str | None], LLMBackend]
+    rule_ctx: Callable[[LLMBackend], RuleContext]
+    progress: Progress
+    memo: dict[tuple[Any, ...], Response] = field(default_factory=dict)
+    on_batch: Callable[[PromptBatch], None] | None = None
+    """Called with each optimized batch before it is sent (EXPLAIN --prompts uses it)."""
+
+
+# ---- binding --------------------------------------------------------------------------------
+
+
+def render_column(column: pa.ChunkedArray | pa.Array) -> tuple[str, ...]:
+    """Render an Arrow column with the engine-independent value contract."""
+    values = column.to_pylist()
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return tuple("" if v is None else v for v in values)
+    return tuple(render_value(v) for v in values)
+
+
+def bind(call: LLMCall, table: pa.Table, /) -> PromptBatch:
+    """Bind ``call`` to its distinct input rows."""
+    values = tuple(
+        render_column(table.column(f"{ARG_PREFIX}{j}")) for j in range(len(call.fields))
+    )
+    return PromptBatch(call=call, values=values, n_rows=table.num_rows)
+
+
+# ---- requests ---------------------------------------------------------------------------------
+
+
+def _request(call: LLMCall, prompt: str, backend: LLMBackend) -> Request:
+    opts = call.options
+    caps = backend.capabilities
+    spec = REGISTRY[call.kind]
+    choices: tuple[str, ...] | None = None
+    schema: str | None = None
+    if call.kind is CallKind.FILTER and caps.constrained_choice:
+        choices = CHOICES
+    elif call.kind is CallKind.CLASSIFY and caps.constrained_choice:
+        choices = opts.labels
+    elif call.kind is CallKind.EXTRACT and caps.json_schema and opts.schema:
+        schema = json_schema(opts.schema)
+    return Request(
+        prompt=prompt,
+        max_tokens=opts.max_tokens or spec.default_max_tokens,
+        temperature=opts.temperature,
+        seed=opts.seed,
+        choices=choices,
+        json_schema=schema,
+    )
+
+
+def _memo_key(backend: LLMBackend, req: Request) -> tuple[Any, ...]:
+    return (backend.model_id(), req.max_tokens, req.temperature, req.seed, req.choices,
+            req.json_schema, req.prompt)
+
+
+def _fit(call: LLMCall, prompt: str, values: Sequence[str], backend: LLMBackend,
+         stats: CallStats) -> str:
+    """Check the prompt fits the context; truncate the longest field if the call allows it."""
+    budget = backend.capabilities.max_model_len - (
+        call.options.max_tokens or REGISTRY[call.kind].default_max_tokens
+    )
+    if len(prompt.encode("utf-8")) + TEMPLATE_OVERHEAD_TOKENS <= budget:
+        return prompt
+    tokens = backend.count_tokens(prompt)
+    if tokens <= budget:
+        return prompt
+    if not call.options.truncate or not values:
+        preview = ", ".join(f"{f.name}={v[:40]!r}" for f, v in zip(call.fields, values, strict=False))
+        raise ContextLengthError(
+            f"a prompt of {call.where} is {tokens} tokens, but the model's context leaves "
+            f"{budget} ({backend.capabilities.max_model_len} minus max_tokens); row with "
+            f"{preview}; shorten the field, lower max_tokens, or pass truncate => true",
+            step=call.id,
+        )
+    stats.truncated += 1
+    return _truncate(call, list(values), budget, backend)
+
+
+def _truncate(call: LLMCall, values: list[str], budget: int, backend: LLMBackend) -> str:
+    for _ in range(32):
+        longest = max(range(len(values)), key=lambda j: len(values[j]))
+        prompt = call.template.render(values)
+        tokens = backend.count_tokens(prompt)
+        if tokens <= budget:
+            return prompt
+        keep = int(len(values[longest]) * budget / tokens * 0.95) - 1
+        values[longest] = values[longest][: max(0, keep)]
+    raise ContextLengthError(
+        f"{call.where}: truncating fields could not make the prompt fit the context",
+        step=call.id,
+    )
+
+
+# ---- sending ------------------------------------------------------------------------------
+
+
+def _send(
+    reqs: list[Request], keys: list[tuple[Any, ...]], backend: LLMBackend, env: StepEnv,
+    stats: CallStats,
+) -> list[Response]:
+    """Answer ``reqs``, from the query's memo where possible, else from the backend."""
+    out: list[Response | None] = [env.memo.get(k) for k in keys]
+    todo = [i for i, r in enumerate(out) if r is None]
+    stats.reused += len(reqs) - len(todo)
+    if todo:
+        try:
+            answers = backend.generate([reqs[i] for i in todo])
+        except BackendError:
+            raise
+        if len(answers) != len(todo):
+            raise BackendError(
+                f"backend {backend.name!r} returned {len(answers)} answers for {len(todo)} "
+                "prompts", backend=backend.name,
+            )
+        for i, resp in zip(todo, answers, strict=True):
+            out[i] = resp
+            if resp.error is None:
+                env.memo[keys[i]] = resp
+            stats.sent += 1
+            stats.prompt_tokens += resp.prompt_tokens
+            stats.cached_tokens += resp.cached_tokens
+            stats.output_tokens += resp.output_tokens
+    return [r for r in out if r is not None]
+
+
+def _parse(call: LLMCall, resp: Response, stats: CallStats) -> Any:
+    if resp.error is not None:
+        stats.failed += 1
+        _reason(stats, f"failed: {resp.error}")
+        return None
+    parsed: Parsed = REGISTRY[call.kind].parse(resp.text, call.options)
+    if not parsed.ok:
+        stats.null_answers += 1
+        _reason(stats, parsed.reason)
+    return parsed.value
+
+
+def _reason(stats: CallStats, reason: str) -> None:
+    if len(stats.null_reasons) < 20:
+        stats.null_reasons.append(reason)
+
+
+def _answer_prompts(
+    call: LLMCall, prompts: list[str], bounds: Sequence[int], backend: LLMBackend,
+    env: StepEnv, stats: CallStats,
+) -> list[Any]:
+    """Send prompts batch by batch (``bounds``: batch starts), return parsed values."""
+    values: list[Any] = []
+    edges = [*bounds, len(prompts)] if bounds else [0, len(prompts)]
+    try:
+        for lo, hi in zip(edges, edges[1:], strict=False):
+            reqs = [_request(call, p, backend) for p in prompts[lo:hi]]
+            keys = [_memo_key(backend, r) for r in reqs]
+            resps = _send(reqs, keys, backend, env, stats)
+            values += [_parse(call, r, stats) for r in resps]
+            env.progress.advance(hi - lo, sum(r.prompt_tokens + r.output_tokens for r in resps),
+                                 sum(r.cached_tokens for r in resps))
+    except KeyboardInterrupt:
+        raise QueryInterrupted(
+            f"query interrupted during {call.where}: {len(values)} of {len(prompts)} prompts "
+            "were answered; nothing was written"
+        ) from None
+    return values
+
+
+# ---- the scalar step --------------------------------------------------------------------------
+
+
+def result_type(call: LLMCall) -> pa.DataType:
+    """The Arrow type of the call's SQL result."""
+    if call.kind is CallKind.FILTER:
+        return pa.bool_()
+    if call.kind is CallKind.EXTRACT:
+        return pa.struct(
+            [(f.name, pa.type_for_alias(TYPES[f.type][2])) for f in call.options.schema or ()]
+        )
+    return pa.string()
+
+
+def run_call(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table, CallStats]:
+    """Answer every input row of a scalar call; return the lookup table and stats."""
+    if call.kind is CallKind.AGG:
+        return run_agg(call, inputs, env)
+    start = time.perf_counter()
+    stats = CallStats(call.id, call.kind.value, call.where, rows_in=inputs.num_rows)
+    backend = env.backend_for(call.options.model) if inputs.num_rows else None
+    results: list[Any] = []
+    if backend is not None:
+        batch, trace = optimize(bind(call, inputs), env.rule_ctx(backend))
+        if env.on_batch is not None:
+            env.on_batch(batch)
+        stats.notes = batch.notes
+        order = batch.send_order()
+        stats.distinct_prompts = len(order)
+        prompts = [
+            _fit(call, batch.prompt(i), [c[i] for c in batch.values], backend, stats)
+            for i in order
+        ]
+        env.progress.start(len(prompts), call.where)
+        answers = dict(zip(order, _answer_prompts(call, prompts, batch.batches, backend, env,
+                                                  stats), strict=True))
+        rep = batch.rep or tuple(range(batch.n_rows))
+        results = [answers[rep[i]] for i in range(batch.n_rows)]
+    stats.seconds = time.perf_counter() - start
+    if call.volatility is Volatility.VOLATILE:
+        stats.notes = (*stats.notes, "volatile call: one sample per distinct input")
+    column = pa.array(results, type=result_type(call))
+    return inputs.append_column(RESULT_COL, column), stats
+
+
+# ---- LLM_AGG --------------------------------------------------------------------------------
+
+
+def _groups(call: LLMCall, inputs: pa.Table) -> tuple[list[int], list[list[str]]]:
+    """Group rows by their group keys: first row index per group, and rendered row blocks."""
+    n_keys = len(call.group_keys)
+    keys = list(zip(*[inputs.column(f"{GROUP_PREFIX}{k}").to_pylist() for k in range(n_keys)],
+                    strict=True)) if n_keys else [()] * inputs.num_rows
+    cols = [render_column(inputs.column(f"{ARG_PREFIX}{j}")) for j in range(len(call.fields))]
+    first: dict[tuple[Any, ...], int] = {}
+    blocks: dict[tuple[Any, ...], list[str]] = {}
+    for i, key in enumerate(keys):
+        hkey = tuple(repr(k) for k in key)
+        first.setdefault(hkey, i)
+        row = "".join(f"{f.name}: {c[i]}\n" for f, c in zip(call.fields, cols, strict=True))
+        blocks.setdefault(hkey, []).append(row)
+    return list(first.values()), list(blocks.values())
+
+
+def _agg_prompts(instruction: str, rows: list[str], fits: Callable[[str], bool]) -> list[str]:
+    """Pack rows into as few prompts as fit (one row always goes in, truncated by _fit)."""
+    prompts: list[str] = []
+    current: list[str] = []
+    for row in rows:
+        candidate = instruction + "\n" + "\n".join([*current, row])
+        if current and not fits(candidate):
+            prompts.append(instruction + "\n" + "\n".join(current))
+            current = []
+        current.append(row)
+    if current:
+        prompts.append(instruction + "\n" + "\n".join(current))
+    return prompts
+
+
+def _reduce_prompt(instruction: str, partials: list[Any]) -> str:
+    body = "".join(f"- {p}\n" for p in partials if p)
+    return f"{instruction}\n{PARTIAL_HEADER}\n{body}"
+
+
+def run_agg(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table, CallStats]:
+    """Answer one prompt per group, map-reduce over chunks where a group exceeds the context."""
+    start = time.perf_counter()
+    stats = CallStats(call.id, call.kind.value, call.where, rows_in=inputs.num_rows)
+    firsts, groups = _groups(call, inputs)
+    results: list[Any] = []
+    if groups:
+        backend = env.backend_for(call.options.model)
+        budget = backend.capabilities.max_model_len - (call.options.max_tokens or 128)
+
+        def fits(p: str) -> bool:
+            return len(p.encode()) + TEMPLATE_OVERHEAD_TOKENS <= budget or \
+                backend.count_tokens(p) <= budget
+
+        chunked = [_agg_prompts(call.template.instruction, rows, fits) for rows in groups]
+        env.progress.start(sum(len(c) for c in chunked), call.where)
+        results = [_reduce_group(call, chunks, fits, backend, env, stats) for chunks in chunked]
+        stats.distinct_prompts = sum(len(c) for c in chunked)
+    stats.seconds = time.perf_counter() - start
+    gcols = [f"{GROUP_PREFIX}{k}" for k in range(len(call.group_keys))]
+    table = inputs.select(gcols).take(pa.array(firsts, type=pa.int64())) if gcols else \
+        pa.table({"__llmsql_one": pa.array([True] * len(firsts))})
+    return table.append_column(RESULT_COL, pa.array(results, type=pa.string())), stats
+
+
+def _reduce_group(call: LLMCall, prompts: list[str], fits: Callable[[str], bool],
+                  backend: LLMBackend, env: StepEnv, stats: CallStats) -> Any:
+    for _ in range(16):
+        values = _answer_prompts(call, [_fit(call, p, [], backend, stats) for p in prompts],
+                                 (), backend, env, stats)
+        if len(values) <= 1:
+            return values[0] if values else None
+        partial_rows = [f"- {v}\n" for v in values if v]
+        if not partial_rows:
+            return None
+        prompts = _agg_prompts(_reduce_prompt(call.template.instruction, []).rstrip("\n"),
+                               partial_rows, fits)
+    return None

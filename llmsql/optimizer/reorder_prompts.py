@@ -1,0 +1,50 @@
+"""Rule: choose the row send order and, per row, the field order for prefix-cache reuse.
+
+Invariant: the multiset of (row, field -> value) is unchanged: each row's prompt holds the
+same instruction and the same ``name: value`` lines, possibly in another order; a template
+with ``{placeholders}`` keeps its field order (rows may still move). The answers the query
+returns never depend on this rule: the final query reads answers by input value, and a user
+ORDER BY is applied by the engine afterwards. Assumes ``dedup_prompts`` ran first, so only
+representatives are ordered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from llmsql.optimizer.context import RuleContext
+from llmsql.plan import PromptBatch
+
+
+def reorder_prompts(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
+    """Order representatives with :func:`llmsql.optimizer.ordering.solve`."""
+    from llmsql.optimizer.ordering import solve
+
+    reps = batch.send_order()
+    if not ctx.reorder or len(reps) < 2:
+        return batch
+    template = batch.call.template
+    cols = [[batch.values[j][i] for i in reps] for j in template.appended]
+    sol = solve(
+        cols,
+        [template.fields[j] for j in template.appended],
+        instruction=template.instruction,
+        fixed_fields=template.order_is_fixed or len(cols) < 2,
+        capacity_blocks=ctx.cache_blocks,
+    )
+    order = tuple(reps[k] for k in sol.rows)
+    appended = template.appended
+    field_orders = tuple(tuple(appended[j] for j in fo) for fo in sol.field_orders)
+    per_row = [0] * batch.n_rows
+    for local, row in enumerate(reps):
+        per_row[row] = sol.row_field_order[local]
+    if batch.rep is not None:
+        per_row = [per_row[batch.rep[i]] for i in range(batch.n_rows)]
+    note = (
+        f"reorder_prompts: {len(order)} prompts reordered, "
+        f"{len(field_orders)} distinct field order(s)"
+    )
+    return dataclasses.replace(
+        batch, order=order, field_orders=field_orders, row_field_order=tuple(per_row),
+        notes=(*batch.notes, note),
+    )

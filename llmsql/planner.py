@@ -1,0 +1,484 @@
+"""sqlglot tree -> QueryPlan: every LLM call is lifted out into an explicit :class:`LLMCall`.
+
+How a call is planned: its distinct inputs come from a relational *input query* derived
+from the SELECT that contains it (same FROM, joins and non-LLM WHERE conjuncts, so cheap
+predicates run first); the call itself is replaced in the query by a lookup into the
+relation its answers are written to. The engine therefore only ever runs plain SQL, and an
+LLM function is evaluated once per distinct input, never once per syntactic occurrence.
+
+Calls are planned innermost scope first (CTEs before the body that reads them), and inside a
+scope in this order: WHERE conjuncts (each one sees only rows that passed the previous
+ones), GROUP BY, SELECT, HAVING, ORDER BY, then LLM_AGG. No generic sqlglot rewrite runs
+over the tree: those duplicate or reorder LLM calls (see docs/STYLE.md).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from sqlglot import exp
+
+from llmsql.dialect import LLMSQL, LLMAgg, LLMFunc
+from llmsql.errors import PlanError, UnsupportedError
+from llmsql.plan import ARG_PREFIX, GROUP_PREFIX, RESULT_COL, Field, LLMCall, QueryPlan
+from llmsql.udfs.base import CallKind, CallOptions
+from llmsql.udfs.llm_extract import parse_schema
+from llmsql.udfs.prompts import PromptTemplate
+
+_KINDS = {
+    "map": CallKind.MAP,
+    "filter": CallKind.FILTER,
+    "classify": CallKind.CLASSIFY,
+    "extract": CallKind.EXTRACT,
+    "agg": CallKind.AGG,
+}
+_CLAUSE_RANK = {"where": 0, "joins": 0, "group": 1, "expressions": 2, "having": 3, "order": 4}
+_CLAUSE_NAMES = {
+    "where": "WHERE",
+    "joins": "JOIN",
+    "group": "GROUP BY",
+    "expressions": "SELECT",
+    "having": "HAVING",
+    "order": "ORDER BY",
+}
+OPTION_NAMES = ("model", "max_tokens", "temperature", "seed", "labels", "schema", "truncate")
+
+
+def plan_query(sql: str, tree: exp.Expression, /, *, query_id: str = "q") -> QueryPlan:
+    """Lift every LLM call of ``tree`` into an :class:`LLMCall`; ``tree`` is not modified.
+
+    Raises:
+        PlanError: a call is malformed (options, labels, schema, instruction).
+        UnsupportedError: a call sits where llmsql cannot plan it yet.
+    """
+    work = tree.copy()
+    counter = itertools.count(1)
+    calls: list[LLMCall] = []
+    for scope in list(_selects_postorder(work)):
+        _move_inner_join_llm_conditions(scope, sql)
+        calls.extend(_plan_scope(scope, sql, query_id, counter))
+    _reject_leftover_calls(work, sql)
+    return QueryPlan(sql=sql, calls=tuple(calls), final=work)
+
+
+def _selects_postorder(node: exp.Expression) -> Iterator[exp.Select]:
+    """Selects, children before parents, a WITH's CTEs before the body that reads them."""
+    keys = sorted(node.args, key=lambda k: 0 if k == "with_" else 1)
+    for key in keys:
+        value = node.args[key]
+        for child in value if isinstance(value, list) else [value]:
+            if isinstance(child, exp.Expression):
+                yield from _selects_postorder(child)
+    if isinstance(node, exp.Select):
+        yield node
+
+
+def _scope_of(node: exp.Expression) -> exp.Select | None:
+    return node.find_ancestor(exp.Select)
+
+
+def _clause_of(node: exp.Expression, scope: exp.Select) -> str:
+    child = node
+    while child.parent is not None and child.parent is not scope:
+        child = child.parent
+    return child.arg_key
+
+
+def _conjuncts(where: exp.Expression | None) -> list[exp.Expression]:
+    if where is None:
+        return []
+    cond = where.this if isinstance(where, exp.Where) else where
+    return list(cond.flatten()) if isinstance(cond, exp.And) else [cond]
+
+
+def _has_llm(node: exp.Expression) -> bool:
+    return node.find(LLMFunc) is not None
+
+
+def _pos(node: exp.Expression) -> tuple[int | None, int | None]:
+    meta = node.meta or {}
+    return meta.get("line"), meta.get("col")
+
+
+def _move_inner_join_llm_conditions(scope: exp.Select, sql: str) -> None:
+    """``JOIN b ON LLM_FILTER(...)`` of inner joins becomes a WHERE conjunct (same meaning)."""
+    joins = scope.args.get("joins") or []
+    if not any(_has_llm(j) for j in joins):
+        return
+    if any(j.args.get("side") or (j.args.get("kind") or "").upper() not in ("", "INNER", "CROSS")
+           for j in joins):
+        line, col = _pos(next(j.find(LLMFunc) for j in joins if _has_llm(j)))  # type: ignore[arg-type]
+        raise UnsupportedError(
+            f"an LLM function in the ON clause of an outer join cannot be planned (line {line}, "
+            f"column {col}); compute it in a subquery or CTE first and join on its result"
+        )
+    moved: list[exp.Expression] = []
+    for join in joins:
+        on = join.args.get("on")
+        keep = [c for c in _conjuncts(on) if not _has_llm(c)]
+        moved += [c for c in _conjuncts(on) if _has_llm(c)]
+        join.set("on", exp.and_(*keep) if keep else None)
+        if not keep and not join.args.get("using"):
+            join.set("kind", "CROSS")
+    where = scope.args.get("where")
+    scope.set("where", exp.Where(this=exp.and_(*(_conjuncts(where) + moved))))
+
+
+def _scope_calls(scope: exp.Select) -> list[LLMFunc]:
+    """LLM calls whose nearest SELECT is ``scope``, in planning order."""
+    found = [n for n in scope.find_all(LLMFunc) if _scope_of(n) is scope]
+    where = scope.args.get("where")
+    conj = _conjuncts(where)
+
+    def key(n: LLMFunc) -> tuple[int, int, int, int]:
+        clause = _clause_of(n, scope)
+        rank = 9 if isinstance(n, LLMAgg) else _CLAUSE_RANK.get(clause, 5)
+        idx = next((i for i, c in enumerate(conj) if n is c or n in set(c.find_all(LLMFunc))), 0)
+        return (rank, idx if clause == "where" else 0, -n.depth, found.index(n))
+
+    return sorted(found, key=key)
+
+
+def _plan_scope(
+    scope: exp.Select, sql: str, query_id: str, counter: Iterator[int]
+) -> list[LLMCall]:
+    planned: dict[str, exp.Expression] = {}
+    calls: list[LLMCall] = []
+    for node in _scope_calls(scope):
+        text = node.sql(dialect=LLMSQL)
+        if text in planned:  # the same call written twice in one scope: plan it once
+            node.replace(planned[text].copy())
+            continue
+        call = _plan_call(node, scope, sql, f"{query_id}_{next(counter)}")
+        calls.append(call)
+        replacement = _lookup_expr(call)
+        planned[text] = replacement
+        node.replace(replacement.copy())
+    return calls
+
+
+@dataclass(frozen=True, slots=True)
+class _Bound:
+    instruction: str
+    fields: tuple[Field, ...]
+    options: CallOptions
+
+
+def _plan_call(node: LLMFunc, scope: exp.Select, sql: str, call_id: str) -> LLMCall:
+    kind = _KINDS[node.kind]
+    line, col = _pos(node)
+    bound = _bind(node, kind, sql)
+    template = PromptTemplate.parse(bound.instruction, [f.name for f in bound.fields])
+    fields = bound.fields + tuple(
+        Field(name, exp.column(name)) for name in template.fields[len(bound.fields) :]
+    )
+    clause = _clause_of(node, scope)
+    keys: tuple[exp.Expression, ...] = ()
+    if kind is CallKind.AGG:
+        keys = _group_keys(scope)
+        query = _agg_input(scope, fields, keys)
+    else:
+        query = _input_query(scope, node, clause, fields)
+    return LLMCall(
+        id=call_id,
+        kind=kind,
+        template=template,
+        fields=fields,
+        options=bound.options,
+        input=_with_outer_ctes(query, scope),
+        lookup=f"__llmsql_{call_id}",
+        text=node.sql(dialect=LLMSQL),
+        clause=_CLAUSE_NAMES.get(clause, clause.upper()),
+        group_keys=keys,
+        line=line,
+        col=col,
+    )
+
+
+# ---- binding the call's arguments ---------------------------------------------------------
+
+
+def _bind(node: LLMFunc, kind: CallKind, sql: str) -> _Bound:
+    args = list(node.expressions)
+    name = kind.value
+    line, col = _pos(node)
+    if not args or not (isinstance(args[0], exp.Literal) and args[0].is_string):
+        raise PlanError(
+            f"the first argument of {name} must be the instruction as a string literal, "
+            f"e.g. {name}('Is the review positive?', review)",
+            sql=sql, line=line, col=col,
+        )
+    options: dict[str, object] = {}
+    fields: list[Field] = []
+    for arg in args[1:]:
+        if isinstance(arg, (exp.Kwarg, exp.PropertyEQ)):
+            key = arg.this.name.lower()
+            if key in options:
+                raise PlanError(f"{name} option {key!r} is given twice", sql=sql, line=line, col=col)
+            options[key] = _option_value(arg.expression, key, name, sql, line, col)
+        else:
+            fields.append(_field(arg, name, sql))
+    _check_unique(fields, name, sql, line, col)
+    return _Bound(args[0].name, tuple(fields), _options(options, kind, sql, line, col))
+
+
+def _field(arg: exp.Expression, func: str, sql: str) -> Field:
+    if isinstance(arg, exp.Star) or (isinstance(arg, exp.Column) and arg.is_star):
+        line, col = _pos(arg)
+        raise PlanError(
+            f"{func} does not take *; list the fields to put in the prompt, e.g. {func}('...', "
+            "title, review)", sql=sql, line=line, col=col,
+        )
+    name = arg.name if isinstance(arg, exp.Column) else arg.sql(dialect=LLMSQL)
+    return Field(name, arg)
+
+
+def _check_unique(fields: list[Field], func: str, sql: str, line: int | None, col: int | None) -> None:
+    seen: set[str] = set()
+    for f in fields:
+        if f.name in seen:
+            raise PlanError(
+                f"{func} has two fields named {f.name!r}; a prompt field's name is its column "
+                "name, so rename one in a subquery or CTE (SELECT x AS other_name ...)",
+                sql=sql, line=line, col=col,
+            )
+        seen.add(f.name)
+
+
+def _option_value(
+    value: exp.Expression, key: str, func: str, sql: str, line: int | None, col: int | None
+) -> object:
+    if isinstance(value, exp.Literal):
+        return value.name if value.is_string else _number(value.name)
+    if isinstance(value, exp.Neg) and isinstance(value.this, exp.Literal):
+        return -_number(value.this.name)
+    if isinstance(value, exp.Boolean):
+        return bool(value.this)
+    if isinstance(value, exp.Array) and all(
+        isinstance(e, exp.Literal) and e.is_string for e in value.expressions
+    ):
+        return tuple(e.name for e in value.expressions)
+    raise PlanError(
+        f"{func} option {key!r} must be a constant (a string, number, boolean or list of "
+        f"strings), got {value.sql(dialect=LLMSQL)!r}", sql=sql, line=line, col=col,
+    )
+
+
+def _number(text: str) -> float | int:
+    return float(text) if any(c in text for c in ".eE") else int(text)
+
+
+def _options(
+    raw: dict[str, object], kind: CallKind, sql: str, line: int | None, col: int | None
+) -> CallOptions:
+    func = kind.value
+
+    def fail(msg: str) -> PlanError:
+        return PlanError(f"{func}: {msg}", sql=sql, line=line, col=col)
+
+    unknown = sorted(set(raw) - set(OPTION_NAMES))
+    if unknown:
+        raise fail(f"unknown option {unknown[0]!r}; the options are {', '.join(OPTION_NAMES)}")
+    model = raw.get("model")
+    if model is not None and not isinstance(model, str):
+        raise fail("option 'model' must be a string")
+    max_tokens = raw.get("max_tokens")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
+                                   or max_tokens <= 0):
+        raise fail(f"option 'max_tokens' must be a positive integer, got {max_tokens!r}")
+    temperature = raw.get("temperature", 0.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        raise fail(f"option 'temperature' must be a number >= 0, got {temperature!r}")
+    seed = raw.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise fail(f"option 'seed' must be an integer, got {seed!r}")
+    truncate = raw.get("truncate", False)
+    if not isinstance(truncate, bool):
+        raise fail(f"option 'truncate' must be true or false, got {truncate!r}")
+    labels = _labels(raw.get("labels"), kind, fail)
+    schema = _schema(raw.get("schema"), kind, fail)
+    return CallOptions(
+        model=model, max_tokens=max_tokens, temperature=float(temperature), seed=seed,
+        labels=labels, schema=schema, truncate=truncate,
+    )
+
+
+def _labels(value: object, kind: CallKind, fail) -> tuple[str, ...] | None:  # type: ignore[no-untyped-def]
+    if kind is not CallKind.CLASSIFY:
+        if value is not None:
+            raise fail("option 'labels' belongs to LLM_CLASSIFY")
+        return None
+    if value is None:
+        raise fail("needs labels => ['label1', 'label2', ...]")
+    if not isinstance(value, tuple) or len(value) < 2:
+        raise fail("labels must be a list of at least two strings, e.g. labels => ['pos', 'neg']")
+    if any(not lab.strip() for lab in value) or len({lab.lower() for lab in value}) != len(value):
+        raise fail(f"labels must be non-empty and distinct (ignoring case), got {list(value)!r}")
+    return value
+
+
+def _schema(value: object, kind: CallKind, fail):  # type: ignore[no-untyped-def]
+    if kind is not CallKind.EXTRACT:
+        if value is not None:
+            raise fail("option 'schema' belongs to LLM_EXTRACT")
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise fail("needs schema => 'name TYPE, ...', e.g. schema => 'title VARCHAR, year INTEGER'")
+    try:
+        return parse_schema(value)
+    except PlanError as exc:
+        raise fail(str(exc)) from None
+
+
+# ---- input queries and lookups -------------------------------------------------------------
+
+
+def _has_aggregate(node: exp.Expression) -> bool:
+    """True when ``node`` holds an aggregate of its own scope (not of a subquery)."""
+    home = _scope_of(node)
+    return any(_scope_of(a) is home for a in node.find_all(exp.AggFunc))
+
+
+def _base_query(scope: exp.Select, exclude: exp.Expression | None) -> exp.Select:
+    """SELECT ... FROM scope's sources WHERE its LLM-free conjuncts (except ``exclude``)."""
+    q = scope.copy()
+    for key in ("order", "limit", "offset", "qualify", "windows", "distinct", "having", "group",
+                "with_", "sort", "cluster", "distribute"):
+        q.set(key, None)
+    conj = [c for c in _conjuncts(scope.args.get("where")) if c is not exclude and not _has_llm(c)]
+    q.set("where", exp.Where(this=exp.and_(*[c.copy() for c in conj])) if conj else None)
+    if scope.args.get("with_") is not None:
+        q.set("with_", scope.args["with_"].copy())
+    return q
+
+
+def _own_conjunct(node: exp.Expression, scope: exp.Select) -> exp.Expression | None:
+    for c in _conjuncts(scope.args.get("where")):
+        if node is c or any(node is n for n in c.find_all(LLMFunc)):
+            return c
+    return None
+
+
+def _input_query(
+    scope: exp.Select, node: LLMFunc, clause: str, fields: tuple[Field, ...]
+) -> exp.Expression:
+    own = _own_conjunct(node, scope) if clause == "where" else None
+    q = _base_query(scope, own)
+    cols = [exp.alias_(f.expr.copy(), f"{ARG_PREFIX}{i}") for i, f in enumerate(fields)]
+    if not cols:
+        cols = [exp.alias_(exp.true(), f"{ARG_PREFIX}k")]
+    q.set("expressions", cols)
+    if any(_has_aggregate(f.expr) for f in fields):
+        q.set("group", scope.args["group"].copy() if scope.args.get("group") else None)
+        having = [c for c in _conjuncts(scope.args.get("having")) if not _has_llm(c)]
+        q.set("having", exp.Having(this=exp.and_(*[c.copy() for c in having])) if having else None)
+    elif _limit_applies(scope, clause):
+        q.set("limit", scope.args["limit"].copy())
+        if scope.args.get("offset") is not None:
+            q.set("offset", scope.args["offset"].copy())
+        return exp.select("*").distinct().from_(q.subquery("__llmsql_src"))
+    return q.distinct()
+
+
+def _limit_applies(scope: exp.Select, clause: str) -> bool:
+    """A LIMIT without ORDER BY over one table's scan bounds the LLM work of SELECT calls."""
+    return (
+        clause == "expressions"
+        and scope.args.get("limit") is not None
+        and not scope.args.get("order")
+        and not scope.args.get("group")
+        and not scope.args.get("distinct")
+        and not scope.args.get("joins")
+        and not _has_llm(scope.args.get("where") or exp.true())
+        and isinstance((scope.args.get("from_") or exp.From()).this, exp.Table)
+        and not any(isinstance(e, exp.AggFunc) or e.find(exp.AggFunc, exp.Window)
+                    for e in scope.expressions)
+    )
+
+
+def _group_keys(scope: exp.Select) -> tuple[exp.Expression, ...]:
+    group = scope.args.get("group")
+    if group is None:
+        return ()
+    aliases = {e.alias: e.this for e in scope.expressions if isinstance(e, exp.Alias)}
+    if group.args.get("all"):
+        return tuple(
+            (e.this if isinstance(e, exp.Alias) else e).copy()
+            for e in scope.expressions if not e.find(exp.AggFunc)
+        )
+    keys = []
+    for g in group.expressions:
+        if isinstance(g, exp.Literal) and not g.is_string:
+            target = scope.expressions[int(g.name) - 1]
+            keys.append((target.this if isinstance(target, exp.Alias) else target).copy())
+        elif isinstance(g, exp.Column) and not g.table and g.name in aliases:
+            keys.append(aliases[g.name].copy())
+        else:
+            keys.append(g.copy())
+    return tuple(keys)
+
+
+def _agg_input(
+    scope: exp.Select, fields: tuple[Field, ...], keys: tuple[exp.Expression, ...]
+) -> exp.Expression:
+    q = _base_query(scope, None)
+    cols = [exp.alias_(k.copy(), f"{GROUP_PREFIX}{i}") for i, k in enumerate(keys)]
+    cols += [exp.alias_(f.expr.copy(), f"{ARG_PREFIX}{i}") for i, f in enumerate(fields)]
+    q.set("expressions", cols or [exp.alias_(exp.true(), f"{ARG_PREFIX}k")])
+    return q
+
+
+def _with_outer_ctes(query: exp.Expression, scope: exp.Select) -> exp.Expression:
+    """Attach the CTEs visible from ``scope`` that are defined in its ancestors."""
+    ctes: list[exp.Expression] = []
+    child: exp.Expression = scope
+    for anc in iter(lambda: child.parent, None):
+        with_ = anc.args.get("with_") if isinstance(anc, exp.Expression) else None
+        if with_ is not None and with_ is not child:
+            visible = []
+            for cte in with_.expressions:
+                if cte is child or scope in set(cte.find_all(exp.Select)):
+                    break
+                visible.append(cte.copy())
+            ctes = visible + ctes
+        elif with_ is child:
+            for cte in with_.expressions:
+                if scope in set(cte.find_all(exp.Select)):
+                    break
+                ctes.append(cte.copy())
+        child = anc
+    if not ctes:
+        return query
+    own = query.args.get("with_")
+    all_ctes = ctes + (list(own.expressions) if own is not None else [])
+    query.set("with_", exp.With(expressions=all_ctes))
+    return query
+
+
+def _lookup_expr(call: LLMCall) -> exp.Expression:
+    alias = f"__llmsql_r_{call.id}"
+    if call.kind is CallKind.AGG:
+        pairs = [(f"{GROUP_PREFIX}{i}", k) for i, k in enumerate(call.group_keys)]
+    else:
+        pairs = [(f"{ARG_PREFIX}{i}", f.expr) for i, f in enumerate(call.fields)]
+    sel = exp.select(exp.column(RESULT_COL, table=alias)).from_(
+        exp.to_table(call.lookup).as_(alias)
+    )
+    conds = [exp.NullSafeEQ(this=exp.column(c, table=alias), expression=e.copy()) for c, e in pairs]
+    if conds:
+        sel = sel.where(exp.and_(*conds))
+    sub = exp.Subquery(this=sel)
+    if call.kind is CallKind.AGG:
+        return exp.AnyValue(this=sub)
+    return sub
+
+
+def _reject_leftover_calls(work: exp.Expression, sql: str) -> None:
+    for node in work.find_all(LLMFunc):
+        line, col = _pos(node)
+        raise UnsupportedError(
+            f"{node.sql_name()} at line {line}, column {col} is outside any SELECT scope "
+            "llmsql can plan; move it into a SELECT"
+        )

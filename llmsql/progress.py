@@ -1,0 +1,92 @@
+"""Progress reporting: a bar on a terminal (rows, tokens/s, prefix-cache hits), else quiet."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Protocol, TextIO
+
+
+class Progress(Protocol):
+    """What the engine reports while it works."""
+
+    def start(self, total: int, label: str, /) -> None:
+        """A new step with ``total`` prompts begins."""
+        ...
+
+    def advance(self, n: int, tokens: int, cached: int, /) -> None:
+        """``n`` more prompts answered, ``tokens`` processed, ``cached`` of them from cache."""
+        ...
+
+    def close(self) -> None:
+        """The query is over."""
+        ...
+
+
+class NoProgress:
+    """Reports nothing."""
+
+    def start(self, total: int, label: str, /) -> None:  # noqa: D102
+        pass
+
+    def advance(self, n: int, tokens: int, cached: int, /) -> None:  # noqa: D102
+        pass
+
+    def close(self) -> None:  # noqa: D102
+        pass
+
+
+class TerminalProgress:
+    """One self-overwriting line on a terminal: done/total, tokens/s, cache hits, ETA."""
+
+    def __init__(self, stream: TextIO | None = None, min_interval: float = 0.2) -> None:
+        self._out = stream or sys.stderr
+        self._min = min_interval
+        self._reset(0, "")
+
+    def _reset(self, total: int, label: str) -> None:
+        self._total, self._label, self._done = total, label, 0
+        self._tokens = self._cached = 0
+        self._t0 = self._last = time.monotonic()
+
+    def start(self, total: int, label: str, /) -> None:  # noqa: D102
+        self._finish_line()
+        self._reset(total, label)
+        self._draw(force=True)
+
+    def advance(self, n: int, tokens: int, cached: int, /) -> None:  # noqa: D102
+        self._done += n
+        self._tokens += tokens
+        self._cached += cached
+        self._draw(force=self._done >= self._total)
+
+    def _draw(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self._min:
+            return
+        self._last = now
+        el = max(now - self._t0, 1e-9)
+        rate = self._tokens / el
+        hit = f" cache {100 * self._cached / self._tokens:.0f}%" if self._tokens else ""
+        left = (self._total - self._done) * el / self._done if self._done else 0.0
+        self._out.write(
+            f"\r{self._label}: {self._done}/{self._total} prompts, {rate:,.0f} tok/s{hit}, "
+            f"ETA {left:,.0f}s   "
+        )
+        self._out.flush()
+
+    def _finish_line(self) -> None:
+        if self._total:
+            self._out.write("\n")
+            self._out.flush()
+
+    def close(self) -> None:  # noqa: D102
+        self._finish_line()
+        self._total = 0
+
+
+def auto_progress(enabled: bool | None) -> Progress:
+    """A terminal bar when ``enabled`` is True, or None and stderr is a terminal."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    return TerminalProgress() if enabled else NoProgress()

@@ -1,0 +1,330 @@
+"""The Session: owns the connection, the executor, the backends and the settings.
+
+>>> import llmsql, pandas as pd
+>>> con = llmsql.connect(dry_run=True)
+>>> con.register("t", pd.DataFrame({"id": [1, 2], "review": ["great", "bad"]}))
+>>> con.sql("SELECT id FROM t WHERE LLM_FILTER('Positive?', review) ORDER BY id").arrow().num_rows
+2
+>>> con.close()
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from llmsql.backends import BackendSpec, LLMBackend, default_backend_kind, get_backend
+from llmsql.backends.dry_run import DryRunBackend
+from llmsql.executors.duckdb import DuckDBExecutor
+from llmsql.executors.llm_step import CallStats, StepEnv, run_call
+from llmsql.optimizer import RuleContext
+from llmsql.parse import parse
+from llmsql.plan import PromptBatch, QueryPlan
+from llmsql.planner import plan_query
+from llmsql.progress import Progress, auto_progress
+
+
+@dataclass(slots=True)
+class QueryStats:
+    """Per-call statistics of one query."""
+
+    calls: list[CallStats] = field(default_factory=list)
+
+    @property
+    def null_answers(self) -> int:
+        """Answers that could not be parsed (NULL in the result)."""
+        return sum(c.null_answers for c in self.calls)
+
+    @property
+    def failed(self) -> int:
+        """Calls that failed for good (NULL in the result)."""
+        return sum(c.failed for c in self.calls)
+
+    def summary(self) -> str:
+        """One line per LLM call."""
+        lines = []
+        for c in self.calls:
+            hit = f", {100 * c.cached_tokens / c.prompt_tokens:.0f}% cached" if c.prompt_tokens else ""
+            extra = "".join(
+                f", {n} {what}" for n, what in ((c.null_answers, "unparseable -> NULL"),
+                                                (c.failed, "failed -> NULL"),
+                                                (c.truncated, "truncated")) if n
+            )
+            lines.append(
+                f"{c.where}: {c.rows_in} rows, {c.distinct_prompts} distinct prompts, "
+                f"{c.sent} sent, {c.prompt_tokens} prompt tokens{hit}, {c.seconds:.2f}s{extra}"
+            )
+        return "\n".join(lines)
+
+
+class Result:
+    """A query's result: Arrow, pandas or a printed preview, plus statistics."""
+
+    def __init__(self, table: pa.Table, stats: QueryStats) -> None:
+        self._table = table
+        self.stats = stats
+
+    def arrow(self) -> pa.Table:
+        """The result as a pyarrow Table."""
+        return self._table
+
+    def df(self) -> Any:
+        """The result as a pandas DataFrame."""
+        return self._table.to_pandas()
+
+    def preview(self, max_rows: int = 20) -> str:
+        """A boxed text table of the first ``max_rows`` rows."""
+        import duckdb
+
+        con = duckdb.connect()
+        try:
+            text = str(con.from_arrow(self._table.slice(0, max_rows)))
+        finally:
+            con.close()
+        more = self._table.num_rows - max_rows
+        return text + (f"({more} more rows)\n" if more > 0 else "")
+
+    def show(self, max_rows: int = 20) -> None:
+        """Print a preview."""
+        print(self.preview(max_rows), end="")
+
+    def __len__(self) -> int:
+        return self._table.num_rows
+
+    def __repr__(self) -> str:
+        return self.preview()
+
+
+@dataclass(frozen=True, slots=True)
+class Explain:
+    """EXPLAIN's text plus every prompt the plan would send, in send order."""
+
+    text: str
+    prompts: tuple[str, ...]
+
+    def write_prompts(self, path: str | os.PathLike[str]) -> None:
+        """Write one ``{"prompt": ...}`` JSON object per line."""
+        _write_jsonl(Path(path), self.prompts)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _write_jsonl(path: Path, prompts: tuple[str, ...]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for p in prompts:
+            f.write(json.dumps({"prompt": p}, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+class Session:
+    """A connection: tables, a DuckDB engine, lazily built backends."""
+
+    _ids = itertools.count(1)
+
+    def __init__(
+        self,
+        *,
+        backend: str | None = None,
+        model: str | None = None,
+        database: str = ":memory:",
+        progress: bool | None = None,
+        optimize: bool = True,
+        batch_size: int = 64,
+        dry_run: bool = False,
+        backend_options: dict[str, Any] | None = None,
+    ) -> None:
+        import duckdb
+
+        self._kind = backend or default_backend_kind()
+        self._model = model
+        self._options = dict(backend_options or {})
+        self._progress_flag = progress
+        self._optimize = optimize
+        self._batch_size = batch_size
+        self._dry_run = dry_run
+        self._backends: dict[str | None, LLMBackend] = {}
+        self._con = duckdb.connect(database)
+        self._executor = DuckDBExecutor(self._con)
+        self.last_stats: QueryStats | None = None
+
+    # -- tables -------------------------------------------------------------------------------
+
+    def register(self, name: str, data: Any, /) -> Session:
+        """Expose a pandas/polars DataFrame, Arrow table or parquet/csv/json path as ``name``."""
+        self._executor.register(name, data)
+        return self
+
+    @property
+    def duckdb(self) -> Any:
+        """The underlying DuckDB connection (for plain SQL the engine runs itself)."""
+        return self._con
+
+    # -- backends -------------------------------------------------------------------------------
+
+    def spec(self, model: str | None = None) -> BackendSpec:
+        """The backend spec used for ``model`` (None: the session's model)."""
+        return BackendSpec.make(self._kind, model or self._model, **self._options)
+
+    def backend(self, model: str | None = None) -> LLMBackend:
+        """The backend for ``model``, built on first use."""
+        key = model or self._model
+        if key not in self._backends:
+            spec = self.spec(model)
+            self._backends[key] = DryRunBackend(spec) if self._dry_run else get_backend(spec)
+        return self._backends[key]
+
+    def _rule_ctx(self, backend: LLMBackend) -> RuleContext:
+        return RuleContext(capabilities=backend.capabilities, batch_size=self._batch_size,
+                           reorder=self._optimize)
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def plan(self, query: str, /) -> list[QueryPlan]:
+        """Parse and plan every statement of ``query`` (no engine work, no model)."""
+        return [plan_query(query, tree, query_id=f"q{next(self._ids)}") for tree in parse(query)]
+
+    def sql(self, query: str, /) -> Result:
+        """Run ``query`` (one or more statements); return the last statement's result."""
+        return self._run(query, self.backend, auto_progress(self._progress_flag))
+
+    def explain(self, query: str, /, *, prompts: str | os.PathLike[str] | None = None) -> Explain:
+        """The optimized plan and its prompts, computed without loading a model.
+
+        LLM calls that depend on earlier ones (a filter after a filter) see every row: their
+        prompts and tokens are an upper bound.
+        """
+        sent: list[str] = []
+        batches: list[PromptBatch] = []
+        dry: dict[str | None, LLMBackend] = {}
+
+        def backend_for(model: str | None) -> LLMBackend:
+            if model not in dry:
+                dry[model] = DryRunBackend(self.spec(model), counter=self._token_counter(model))
+            return dry[model]
+
+        def record(batch: PromptBatch) -> None:
+            batches.append(batch)
+            sent.extend(batch.prompt(i) for i in batch.send_order())
+
+        plans: list[QueryPlan] = []
+        result = self._run(query, backend_for, auto_progress(False), on_batch=record,
+                           plans_out=plans)
+        text = _explain_text(plans, result.stats, batches, exact=any(
+            getattr(b, "exact_tokens", False) for b in dry.values()))
+        out = Explain(text, tuple(sent))
+        if prompts is not None:
+            out.write_prompts(prompts)
+        return out
+
+    def _token_counter(self, model: str | None) -> Callable[[str], int] | None:
+        """The model's tokenizer, if it is on disk already (never converts or downloads)."""
+        from llmsql import models
+
+        finder = getattr(models, "local_tokenizer_counter", None)
+        return finder(model or self._model) if finder else None
+
+    def _run(
+        self,
+        query: str,
+        backend_for: Callable[[str | None], LLMBackend],
+        progress: Progress,
+        *,
+        on_batch: Callable[[PromptBatch], None] | None = None,
+        plans_out: list[QueryPlan] | None = None,
+    ) -> Result:
+        stats = QueryStats()
+        env = StepEnv(backend_for=backend_for, rule_ctx=self._rule_ctx, progress=progress,
+                      on_batch=on_batch)
+        table: pa.Table | None = None
+        try:
+            for plan in self.plan(query):
+                if plans_out is not None:
+                    plans_out.append(plan)
+                table = self._run_plan(plan, env, stats)
+        finally:
+            progress.close()
+            self.last_stats = stats
+        return Result(table if table is not None else pa.table({}), stats)
+
+    def _run_plan(self, plan: QueryPlan, env: StepEnv, stats: QueryStats) -> pa.Table | None:
+        try:
+            for call in plan.calls:
+                lookup, call_stats = run_call(call, self._executor.inputs(call), env)
+                stats.calls.append(call_stats)
+                self._executor.put_lookup(call, lookup)
+            return self._executor.final(plan)
+        finally:
+            self._executor.drop_lookups(plan)
+
+    def close(self) -> None:
+        """Close the backends and the connection."""
+        for b in self._backends.values():
+            b.close()
+        self._backends.clear()
+        self._con.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _explain_text(plans: list[QueryPlan], stats: QueryStats, batches: list[PromptBatch],
+                  *, exact: bool) -> str:
+    how = "tokenizer" if exact else "estimated at 4 chars/token"
+    lines: list[str] = []
+    by_id = {c.call_id: c for c in stats.calls}
+    for plan in plans:
+        lines.append(plan.explain())
+        for call in plan.calls:
+            c = by_id.get(call.id)
+            if c is None:
+                continue
+            lines.append(f"  {call.id}: rows in {c.rows_in}, distinct prompts {c.distinct_prompts}"
+                         f", prompt tokens {c.prompt_tokens} ({how})")
+            lines += [f"    {note}" for note in c.notes]
+    if any(c.kind == "LLM_FILTER" for c in stats.calls) and len(stats.calls) > 1:
+        lines.append("  (calls after an LLM_FILTER are counted as if every row passed it)")
+    return "\n".join(lines)
+
+
+def connect(
+    *,
+    backend: str | None = None,
+    model: str | None = None,
+    database: str = ":memory:",
+    progress: bool | None = None,
+    optimize: bool = True,
+    batch_size: int = 64,
+    dry_run: bool = False,
+    **backend_options: Any,
+) -> Session:
+    """Open a session.
+
+    Args:
+        backend: ``transformers``, ``vllm`` or ``openai``; default ``vllm`` when installed
+            with a GPU present, else ``transformers``.
+        model: a local Hugging Face model folder, or None / ``smollm2`` for the embedded model.
+        database: a DuckDB database file, or ``:memory:``.
+        progress: show a progress bar (None: when stderr is a terminal).
+        optimize: reorder rows and fields for prefix-cache reuse.
+        batch_size: prompts handed to the backend at a time.
+        dry_run: answer with fixed valid answers and never load a model (cost estimation).
+        **backend_options: backend settings, e.g. ``max_model_len=2048``.
+
+    Raises:
+        ConfigError: an unknown backend or a bad setting.
+    """
+    return Session(backend=backend, model=model, database=database, progress=progress,
+                   optimize=optimize, batch_size=batch_size, dry_run=dry_run,
+                   backend_options=backend_options)

@@ -1,0 +1,33 @@
+"""LLM_FILTER(instruction, field, ...) -> BOOLEAN.
+
+Constrained to ``Yes``/``No`` where the backend can; otherwise the answer is parsed, and
+one that is neither is NULL and counted, never silently TRUE or FALSE.
+
+>>> parse(" Yes.", CallOptions()).value, parse("no", CallOptions()).value
+(True, False)
+>>> parse("maybe", CallOptions()).ok
+False
+"""
+
+from __future__ import annotations
+
+import re
+
+from llmsql.udfs.base import CallOptions, Parsed
+
+CHOICES = ("Yes", "No")
+DEFAULT_MAX_TOKENS = 4
+_WORD = re.compile(r"[A-Za-z]+")
+_TRUE = {"yes", "true", "y"}
+_FALSE = {"no", "false", "n"}
+
+
+def parse(text: str, options: CallOptions, /) -> Parsed:
+    """Map the first word of the answer to TRUE/FALSE; anything else is NULL."""
+    m = _WORD.search(text)
+    word = m.group(0).lower() if m else ""
+    if word in _TRUE:
+        return Parsed(True, True)
+    if word in _FALSE:
+        return Parsed(False, True)
+    return Parsed(None, False, f"answer is neither yes nor no: {text[:60]!r}")

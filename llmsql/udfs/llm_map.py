@@ -1,0 +1,12 @@
+"""LLM(instruction, field, ...) -> VARCHAR: free text, stripped."""
+
+from __future__ import annotations
+
+from llmsql.udfs.base import CallOptions, Parsed
+
+DEFAULT_MAX_TOKENS = 64
+
+
+def parse(text: str, options: CallOptions, /) -> Parsed:
+    """Free text: the answer stripped of surrounding whitespace."""
+    return Parsed(text.strip(), True)
