@@ -133,7 +133,7 @@ class Session:
     def __init__(
         self,
         *,
-        backend: str | None = None,
+        backend: str | LLMBackend | None = None,
         model: str | None = None,
         database: str = ":memory:",
         progress: bool | None = None,
@@ -144,7 +144,10 @@ class Session:
     ) -> None:
         import duckdb
 
-        self._kind = backend or default_backend_kind()
+        self._instance = None if backend is None or isinstance(backend, str) else backend
+        self._kind = backend if isinstance(backend, str) else (
+            getattr(backend, "name", "custom") if backend is not None else default_backend_kind()
+        )
         self._model = model
         self._options = dict(backend_options or {})
         self._progress_flag = progress
@@ -176,6 +179,8 @@ class Session:
 
     def backend(self, model: str | None = None) -> LLMBackend:
         """The backend for ``model``, built on first use."""
+        if self._instance is not None:
+            return self._instance
         key = model or self._model
         if key not in self._backends:
             spec = self.spec(model)
@@ -300,7 +305,7 @@ def _explain_text(plans: list[QueryPlan], stats: QueryStats, batches: list[Promp
 
 def connect(
     *,
-    backend: str | None = None,
+    backend: str | LLMBackend | None = None,
     model: str | None = None,
     database: str = ":memory:",
     progress: bool | None = None,
@@ -313,7 +318,8 @@ def connect(
 
     Args:
         backend: ``transformers``, ``vllm`` or ``openai``; default ``vllm`` when installed
-            with a GPU present, else ``transformers``.
+            with a GPU present, else ``transformers``. An object implementing the
+            ``LLMBackend`` protocol is used as it is (the session does not close it).
         model: a local Hugging Face model folder, or None / ``smollm2`` for the embedded model.
         database: a DuckDB database file, or ``:memory:``.
         progress: show a progress bar (None: when stderr is a terminal).

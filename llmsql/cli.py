@@ -1,0 +1,173 @@
+"""The ``llmsql`` command: ``run`` and ``explain`` (thin: builds a Session, prints results).
+
+Exit codes: 0 success, 1 an llmsql error (message on stderr, no traceback unless
+``--debug``), 2 bad usage, 130 interrupted. No output file is written unless the query
+succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from llmsql.errors import ConfigError, LLMSQLError, QueryInterrupted
+
+WRITERS = (".parquet", ".pq", ".csv", ".json", ".jsonl", ".ndjson")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="llmsql", description="SQL with LLM functions.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a query and print or save its result")
+    _query_args(run)
+    run.add_argument("--output", "-o", help="write the result to PATH (.parquet, .csv, .json) "
+                     "or '-' for CSV on stdout; default: print a preview")
+    run.add_argument("--max-rows", type=int, default=20, help="rows in the preview")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="progress bar (default: when stderr is a terminal)")
+    run.add_argument("--stats", action="store_true", help="print per-call statistics")
+    exp = sub.add_parser("explain", help="print the optimized plan without loading a model")
+    _query_args(exp)
+    exp.add_argument("--prompts", help="write every prompt, in send order, as JSONL to PATH")
+    return ap
+
+
+def _query_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("file", nargs="?", help="a .sql file")
+    src.add_argument("-e", "--execute", metavar="SQL", help="the query text")
+    p.add_argument("--table", "-t", action="append", default=[], metavar="NAME=PATH",
+                   help="register a parquet/csv/json file as a table (repeatable)")
+    p.add_argument("--backend", help="transformers, vllm or openai")
+    p.add_argument("--model", help="local model folder (default: the embedded SmolLM2)")
+    p.add_argument("--no-optimize", action="store_true", help="keep table order and field order")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="backend option, e.g. max_model_len=2048 (repeatable)")
+
+
+def _query_text(args: argparse.Namespace) -> str:
+    if args.execute is not None:
+        return str(args.execute)
+    path = Path(args.file)
+    if not path.is_file():
+        raise ConfigError(f"query file {args.file!r} does not exist")
+    return path.read_text(encoding="utf-8")
+
+
+def _tables(specs: Sequence[str]) -> list[tuple[str, str]]:
+    out = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--table {spec!r} must look like NAME=PATH, e.g. reviews=data.parquet")
+        out.append((name, path))
+    return out
+
+
+def _options(specs: Sequence[str]) -> dict[str, object]:
+    opts: dict[str, object] = {}
+    for spec in specs:
+        key, sep, raw = spec.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option {spec!r} must look like KEY=VALUE")
+        opts[key] = _scalar(raw)
+    return opts
+
+
+def _scalar(raw: str) -> object:
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            continue
+    return {"true": True, "false": False}.get(raw.lower(), raw)
+
+
+def _session(args: argparse.Namespace, *, dry_run: bool = False, progress: bool | None = None):  # type: ignore[no-untyped-def]
+    import llmsql
+
+    con = llmsql.connect(backend=args.backend, model=args.model, dry_run=dry_run,
+                         progress=progress, optimize=not args.no_optimize, **_options(args.option))
+    for name, path in _tables(args.table):
+        con.register(name, path)
+    return con
+
+
+def _check_output(path: str | None) -> None:
+    if path and path != "-" and not path.lower().endswith(WRITERS):
+        raise ConfigError(f"--output {path!r}: use a .parquet, .csv or .json file, or '-'")
+
+
+def _write(table, path: str) -> None:  # type: ignore[no-untyped-def]
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    if path == "-":
+        pcsv.write_csv(table, sys.stdout.buffer)
+        return
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        suffix = target.suffix.lower()
+        if suffix in (".parquet", ".pq"):
+            pq.write_table(table, tmp)
+        elif suffix == ".csv":
+            pcsv.write_csv(table, tmp)
+        else:
+            table.to_pandas().to_json(tmp, orient="records", lines=suffix != ".json",
+                                      force_ascii=False)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    _check_output(args.output)
+    query = _query_text(args)
+    with _session(args, progress=args.progress) as con:
+        result = con.sql(query)
+        if args.output:
+            _write(result.arrow(), args.output)
+        else:
+            result.show(args.max_rows)
+        summary = result.stats.summary()
+        if args.stats and summary:
+            print(summary, file=sys.stderr)
+        nulls = result.stats.null_answers + result.stats.failed
+        if nulls:
+            print(f"note: {nulls} LLM answer(s) could not be used and are NULL "
+                  "(run with --stats for details)", file=sys.stderr)
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    query = _query_text(args)
+    with _session(args, dry_run=True, progress=False) as con:
+        out = con.explain(query, prompts=args.prompts)
+    print(out.text)
+    if args.prompts:
+        print(f"wrote {len(out.prompts)} prompts to {args.prompts}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``llmsql`` command."""
+    args = _parser().parse_args(argv)
+    try:
+        return _cmd_run(args) if args.command == "run" else _cmd_explain(args)
+    except (QueryInterrupted, KeyboardInterrupt) as exc:
+        print(f"llmsql: {exc or 'interrupted'}", file=sys.stderr)
+        return 130
+    except LLMSQLError as exc:
+        if args.debug:
+            raise
+        print(f"llmsql: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
