@@ -20,8 +20,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from llmsql.backends import BackendSpec, LLMBackend, default_backend_kind, get_backend
+from llmsql.backends import BACKENDS, BackendSpec, LLMBackend, default_backend_kind, get_backend
 from llmsql.backends.dry_run import DryRunBackend
+from llmsql.errors import ConfigError
 from llmsql.executors.duckdb import DuckDBExecutor
 from llmsql.executors.llm_step import CallStats, StepEnv, run_call
 from llmsql.optimizer import RuleContext
@@ -144,6 +145,10 @@ class Session:
     ) -> None:
         import duckdb
 
+        if isinstance(backend, str) and backend not in BACKENDS:
+            raise ConfigError(
+                f"unknown backend {backend!r}; choose one of: {', '.join(sorted(BACKENDS))}"
+            )
         self._instance = None if backend is None or isinstance(backend, str) else backend
         self._kind = backend if isinstance(backend, str) else (
             getattr(backend, "name", "custom") if backend is not None else default_backend_kind()

@@ -1,0 +1,85 @@
+"""The llmsql command, run as a user runs it (a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, SAMPLE
+
+
+def cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "llmsql.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=timeout)
+
+
+def test_explain_prints_plan_and_writes_prompts(tmp_path: Path) -> None:
+    out = tmp_path / "prompts.jsonl"
+    p = cli("explain", "-e", "SELECT id FROM s WHERE LLM_FILTER('About a team?', title, question)",
+            "--table", f"s={SAMPLE}", "--prompts", str(out))
+    assert p.returncode == 0, p.stderr
+    assert "LLM_FILTER in WHERE" in p.stdout
+    prompts = [json.loads(line)["prompt"] for line in out.read_text().splitlines()]
+    import duckdb
+
+    distinct = duckdb.sql(f"SELECT COUNT(DISTINCT (title, question)) FROM '{SAMPLE}'").fetchall()
+    assert len(prompts) == len(set(prompts)) == distinct[0][0]  # one prompt per distinct input
+    assert all(x.startswith("About a team?\n") for x in prompts)
+    assert f"wrote {len(prompts)} prompts" in p.stderr
+
+
+def test_explain_of_quickstart_needs_no_model() -> None:
+    p = cli("explain", "examples/quickstart.sql")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("LLMCall") == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "-e", "SELEC 1"], "syntax error"),
+        (["run", "-e", "SELECT LLM('x', nope) FROM s"], "nope"),
+        (["run", "-e", "SELECT 1", "--table", "s"], "NAME=PATH"),
+        (["run", "-e", "SELECT 1", "--table", "s=/no/such.parquet"], "does not exist"),
+        (["run", "missing.sql"], "does not exist"),
+        (["run", "-e", "SELECT 1", "--backend", "nope"], "unknown backend"),
+        (["run", "-e", "SELECT 1", "--output", "x.xlsx"], ".parquet"),
+        (["run", "-e", "SELECT LLM('x', a, model => '/no/model') FROM (SELECT 1 AS a)"],
+         "/no/model"),
+    ],
+)
+def test_user_errors_exit_1_without_traceback(args: list[str], message: str) -> None:
+    p = cli(*args, "--table", f"s={SAMPLE}") if "--table" not in args else cli(*args)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr
+    assert p.stderr.startswith("llmsql: error:")
+
+
+def test_debug_shows_the_traceback() -> None:
+    p = cli("--debug", "run", "-e", "SELEC 1")
+    assert p.returncode != 0
+    assert "Traceback" in p.stderr
+
+
+def test_failed_query_writes_no_output(tmp_path: Path) -> None:
+    out = tmp_path / "out.parquet"
+    p = cli("run", "-e", "SELECT LLM('x', nope) FROM s", "--table", f"s={SAMPLE}",
+            "--output", str(out))
+    assert p.returncode == 1
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plain_sql_runs_and_writes_each_format(tmp_path: Path) -> None:
+    for name in ("o.parquet", "o.csv", "o.json"):
+        p = cli("run", "-e", "SELECT title, COUNT(*) AS n FROM s GROUP BY 1 ORDER BY 1",
+                "--table", f"s={SAMPLE}", "--output", str(tmp_path / name))
+        assert p.returncode == 0, p.stderr
+        assert (tmp_path / name).stat().st_size > 0
+    p = cli("run", "-e", "SELECT COUNT(*) AS n FROM s", "--table", f"s={SAMPLE}", "-o", "-")
+    assert p.stdout.splitlines() == ['"n"', "300"]
