@@ -2,7 +2,7 @@
 
 >>> import llmsql, pandas as pd
 >>> con = llmsql.connect(dry_run=True)
->>> con.register("t", pd.DataFrame({"id": [1, 2], "review": ["great", "bad"]}))
+>>> _ = con.register("t", pd.DataFrame({"id": [1, 2], "review": ["great", "bad"]}))
 >>> con.sql("SELECT id FROM t WHERE LLM_FILTER('Positive?', review) ORDER BY id").arrow().num_rows
 2
 >>> con.close()
