@@ -23,8 +23,8 @@ import pyarrow as pa
 from llmsql.backends import BACKENDS, BackendSpec, LLMBackend, default_backend_kind, get_backend
 from llmsql.backends.dry_run import DryRunBackend
 from llmsql.errors import ConfigError
-from llmsql.executors.duckdb import DuckDBExecutor
-from llmsql.executors.llm_step import CallStats, StepEnv, run_call
+from llmsql.executors import Executor, make_executor
+from llmsql.executors.llm_step import CallStats, StepEnv
 from llmsql.optimizer import RuleContext
 from llmsql.parse import parse
 from llmsql.plan import PromptBatch, QueryPlan
@@ -142,9 +142,9 @@ class Session:
         batch_size: int = 64,
         dry_run: bool = False,
         backend_options: dict[str, Any] | None = None,
+        engine: str = "duckdb",
+        spark: Any = None,
     ) -> None:
-        import duckdb
-
         if isinstance(backend, str) and backend not in BACKENDS:
             raise ConfigError(
                 f"unknown backend {backend!r}; choose one of: {', '.join(sorted(BACKENDS))}"
@@ -160,8 +160,8 @@ class Session:
         self._batch_size = batch_size
         self._dry_run = dry_run
         self._backends: dict[str | None, LLMBackend] = {}
-        self._con = duckdb.connect(database)
-        self._executor = DuckDBExecutor(self._con)
+        self._executor = make_executor(engine, database=database, spark=spark)
+        self.engine = engine
         self.last_stats: QueryStats | None = None
 
     # -- tables -------------------------------------------------------------------------------
@@ -172,9 +172,17 @@ class Session:
         return self
 
     @property
+    def executor(self) -> Executor:
+        """The engine running the relational parts."""
+        return self._executor
+
+    @property
     def duckdb(self) -> Any:
-        """The underlying DuckDB connection (for plain SQL the engine runs itself)."""
-        return self._con
+        """The DuckDB connection, when the engine is DuckDB."""
+        con = getattr(self._executor, "con", None)
+        if con is None:
+            raise ConfigError(f"this session runs on {self.engine!r}, not DuckDB")
+        return con
 
     # -- backends -------------------------------------------------------------------------------
 
@@ -268,9 +276,7 @@ class Session:
     def _run_plan(self, plan: QueryPlan, env: StepEnv, stats: QueryStats) -> pa.Table | None:
         try:
             for call in plan.calls:
-                lookup, call_stats = run_call(call, self._executor.inputs(call), env)
-                stats.calls.append(call_stats)
-                self._executor.put_lookup(call, lookup)
+                stats.calls.append(self._executor.run_call(call, env))
             return self._executor.final(plan)
         finally:
             self._executor.drop_lookups(plan)
@@ -280,7 +286,7 @@ class Session:
         for b in self._backends.values():
             b.close()
         self._backends.clear()
-        self._con.close()
+        self._executor.close()
 
     def __enter__(self) -> Session:
         return self
@@ -317,6 +323,8 @@ def connect(
     optimize: bool = True,
     batch_size: int = 64,
     dry_run: bool = False,
+    engine: str = "duckdb",
+    spark: Any = None,
     **backend_options: Any,
 ) -> Session:
     """Open a session.
@@ -331,6 +339,8 @@ def connect(
         optimize: reorder rows and fields for prefix-cache reuse.
         batch_size: prompts handed to the backend at a time.
         dry_run: answer with fixed valid answers and never load a model (cost estimation).
+        engine: ``duckdb`` (embedded, default) or ``spark``.
+        spark: for ``engine='spark'``: a SparkSession (classic or Connect) or a master URL.
         **backend_options: backend settings, e.g. ``max_model_len=2048``.
 
     Raises:
@@ -338,4 +348,4 @@ def connect(
     """
     return Session(backend=backend, model=model, database=database, progress=progress,
                    optimize=optimize, batch_size=batch_size, dry_run=dry_run,
-                   backend_options=backend_options)
+                   backend_options=backend_options, engine=engine, spark=spark)

@@ -6,20 +6,22 @@ from typing import Protocol
 
 import pyarrow as pa
 
+from llmsql.executors.llm_step import CallStats, StepEnv
 from llmsql.plan import LLMCall, QueryPlan
 
 
 class Executor(Protocol):
-    """One engine: computes an LLM call's inputs, stores its answers, runs the final query."""
+    """One engine: answers an LLM call into its lookup, runs the final query."""
 
     name: str
 
-    def inputs(self, call: LLMCall, /) -> pa.Table:
-        """Rows of ``call.input`` (distinct inputs, or all rows for LLM_AGG)."""
+    def register(self, name: str, data: object, /) -> None:
+        """Expose a DataFrame, Arrow table or file path as table ``name``."""
         ...
 
-    def put_lookup(self, call: LLMCall, table: pa.Table, /) -> None:
-        """Make ``table`` readable as ``call.lookup``."""
+    def run_call(self, call: LLMCall, env: StepEnv, /) -> CallStats:
+        """Compute ``call``'s inputs, answer them, and make the answers readable as
+        ``call.lookup`` for later calls and the final query."""
         ...
 
     def final(self, plan: QueryPlan, /) -> pa.Table | None:
@@ -28,4 +30,8 @@ class Executor(Protocol):
 
     def drop_lookups(self, plan: QueryPlan, /) -> None:
         """Forget every lookup of ``plan``."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine's resources."""
         ...

@@ -15,6 +15,7 @@ import pyarrow as pa
 from sqlglot import exp
 
 from llmsql.errors import ConfigError, ExecutionError, PlanError
+from llmsql.executors.llm_step import CallStats, StepEnv, run_call
 from llmsql.plan import LLMCall, QueryPlan
 
 READERS = {
@@ -44,6 +45,20 @@ class DuckDBExecutor:
 
     def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
         self.con = con
+
+    @classmethod
+    def create(cls, *, database: str = ":memory:", **options: Any) -> DuckDBExecutor:
+        """A new connection to ``database`` (``:memory:`` or a file)."""
+        if options.get("spark") is not None:
+            raise ConfigError("the 'spark' setting needs engine='spark'")
+        try:
+            return cls(duckdb.connect(database))
+        except duckdb.Error as exc:
+            raise ConfigError(f"cannot open DuckDB database {database!r}: {exc}") from None
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.con.close()
 
     # -- tables ------------------------------------------------------------------------------
 
@@ -101,6 +116,12 @@ class DuckDBExecutor:
     def put_lookup(self, call: LLMCall, table: pa.Table, /) -> None:
         """Register the answers as a view named ``call.lookup``."""
         self.con.register(call.lookup, table)
+
+    def run_call(self, call: LLMCall, env: StepEnv, /) -> CallStats:
+        """Inputs from DuckDB, answers from the backend (in this process), lookup registered."""
+        lookup, stats = run_call(call, self.inputs(call), env)
+        self.put_lookup(call, lookup)
+        return stats
 
     def final(self, plan: QueryPlan, /) -> pa.Table | None:
         """Run the final statement."""
