@@ -378,8 +378,9 @@ def _input_query(
         q.set("limit", scope.args["limit"].copy())
         if scope.args.get("offset") is not None:
             q.set("offset", scope.args["offset"].copy())
-        return exp.select("*").distinct().from_(q.subquery("__llmsql_src"))
-    return q.distinct()
+    # No DISTINCT: rows come in table order (the "table order" baseline) and the
+    # dedup_prompts rule collapses repeats; the lookup keeps one row per distinct input.
+    return q
 
 
 def _limit_applies(scope: exp.Select, clause: str) -> bool:

@@ -265,8 +265,37 @@ def run_call(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table
     stats.seconds = time.perf_counter() - start
     if call.volatility is Volatility.VOLATILE:
         stats.notes = (*stats.notes, "volatile call: one sample per distinct input")
-    column = pa.array(results, type=result_type(call))
-    return inputs.append_column(RESULT_COL, column), stats
+    return _lookup(inputs, results, call), stats
+
+
+def distinct_rows(table: pa.Table, columns: Sequence[str]) -> list[int]:
+    """Indexes of the first row of each distinct tuple of ``columns``, in table order."""
+    n = table.num_rows
+    if n == 0:
+        return []
+    try:
+        grouped = (
+            table.select(list(columns))
+            .append_column("__llmsql_i", pa.array(range(n), type=pa.int64()))
+            .group_by(list(columns), use_threads=False)
+            .aggregate([("__llmsql_i", "min")])
+        )
+        return sorted(grouped.column("__llmsql_i_min").to_pylist())
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):
+        first: dict[str, int] = {}
+        rows = zip(*[table.column(c).to_pylist() for c in columns], strict=True)
+        for i, row in enumerate(rows):
+            first.setdefault(repr(row), i)
+        return sorted(first.values())
+
+
+def _lookup(inputs: pa.Table, results: list[Any], call: LLMCall) -> pa.Table:
+    """One row per distinct input tuple (the final query's lookups need exactly one)."""
+    arg_cols = [c for c in inputs.column_names if c.startswith(ARG_PREFIX)]
+    keep = distinct_rows(inputs, arg_cols)
+    column = pa.array([results[i] for i in keep] if results else [], type=result_type(call))
+    table = inputs.select(arg_cols).take(pa.array(keep, type=pa.int64()))
+    return table.append_column(RESULT_COL, column)
 
 
 # ---- LLM_AGG --------------------------------------------------------------------------------

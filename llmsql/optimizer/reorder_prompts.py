@@ -36,8 +36,8 @@ def reorder_prompts(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
     appended = template.appended
     field_orders = tuple(tuple(appended[j] for j in fo) for fo in sol.field_orders)
     per_row = [0] * batch.n_rows
-    for local, row in enumerate(reps):
-        per_row[row] = sol.row_field_order[local]
+    for position, local in enumerate(sol.rows):  # row_field_order is per sent position
+        per_row[reps[local]] = sol.row_field_order[position]
     if batch.rep is not None:
         per_row = [per_row[batch.rep[i]] for i in range(batch.n_rows)]
     note = (
