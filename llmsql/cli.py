@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar (default: when stderr is a terminal)")
     run.add_argument("--stats", action="store_true", help="print per-call statistics")
+    run.add_argument("--analyze", action="store_true",
+                     help="print the plan with estimated and measured figures (EXPLAIN ANALYZE)")
     exp = sub.add_parser("explain", help="print the optimized plan without loading a model")
     _query_args(exp)
     exp.add_argument("--prompts", help="write every prompt, in send order, as JSONL to PATH")
@@ -129,7 +131,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _check_output(args.output)
     query = _query_text(args)
     with _session(args, progress=args.progress) as con:
-        result = con.sql(query)
+        if args.analyze:
+            explained = con.explain(query, analyze=True)
+            print(explained.text, file=sys.stderr)
+            result = explained.result
+        else:
+            result = con.sql(query)
         if args.output:
             _write(result.arrow(), args.output)
         else:

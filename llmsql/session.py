@@ -25,7 +25,10 @@ from llmsql.backends.dry_run import DryRunBackend
 from llmsql.errors import ConfigError
 from llmsql.executors import Executor, make_executor
 from llmsql.executors.llm_step import CallStats, StepEnv
+from llmsql.explain import TokenCounter
+from llmsql.explain import render as render_explain
 from llmsql.optimizer import RuleContext
+from llmsql.optimizer.cost import CostModel
 from llmsql.parse import parse
 from llmsql.plan import PromptBatch, QueryPlan
 from llmsql.planner import plan_query
@@ -105,10 +108,15 @@ class Result:
 
 @dataclass(frozen=True, slots=True)
 class Explain:
-    """EXPLAIN's text plus every prompt the plan would send, in send order."""
+    """EXPLAIN's text plus every prompt the plan would send, in send order.
+
+    With ``analyze=True`` the query really ran: ``result`` holds its result and the text
+    adds the measured figures.
+    """
 
     text: str
     prompts: tuple[str, ...]
+    result: Result | None = None
 
     def write_prompts(self, path: str | os.PathLike[str]) -> None:
         """Write one ``{"prompt": ...}`` JSON object per line."""
@@ -144,6 +152,7 @@ class Session:
         backend_options: dict[str, Any] | None = None,
         engine: str = "duckdb",
         spark: Any = None,
+        cost_model: CostModel | None = None,
     ) -> None:
         if isinstance(backend, str) and backend not in BACKENDS:
             raise ConfigError(
@@ -163,6 +172,7 @@ class Session:
         self._executor = make_executor(engine, database=database, spark=spark)
         self.engine = engine
         self.last_stats: QueryStats | None = None
+        self._cost_model = cost_model or CostModel()
 
     # -- tables -------------------------------------------------------------------------------
 
@@ -214,17 +224,26 @@ class Session:
         """Run ``query`` (one or more statements); return the last statement's result."""
         return self._run(query, self.backend, auto_progress(self._progress_flag))
 
-    def explain(self, query: str, /, *, prompts: str | os.PathLike[str] | None = None) -> Explain:
-        """The optimized plan and its prompts, computed without loading a model.
+    def explain(
+        self,
+        query: str,
+        /,
+        *,
+        prompts: str | os.PathLike[str] | None = None,
+        analyze: bool = False,
+    ) -> Explain:
+        """The optimized plan, its cost figures and its prompts.
 
-        LLM calls that depend on earlier ones (a filter after a filter) see every row: their
-        prompts and tokens are an upper bound.
+        Without ``analyze`` no model is loaded: answers are fixed valid values, so LLM calls
+        that depend on earlier ones (a filter after a filter) see every row and their
+        figures are an upper bound. With ``analyze`` the query runs for real and the text
+        adds measured tokens, cache hits and time per stage.
         """
         sent: list[str] = []
         batches: list[PromptBatch] = []
         dry: dict[str | None, LLMBackend] = {}
 
-        def backend_for(model: str | None) -> LLMBackend:
+        def dry_backend(model: str | None) -> LLMBackend:
             if model not in dry:
                 dry[model] = DryRunBackend(self.spec(model), counter=self._token_counter(model))
             return dry[model]
@@ -234,14 +253,21 @@ class Session:
             sent.extend(batch.prompt(i) for i in batch.send_order())
 
         plans: list[QueryPlan] = []
-        result = self._run(query, backend_for, auto_progress(False), on_batch=record,
-                           plans_out=plans)
-        text = _explain_text(plans, result.stats, batches, exact=any(
-            getattr(b, "exact_tokens", False) for b in dry.values()))
-        out = Explain(text, tuple(sent))
+        backend_for = self.backend if analyze else dry_backend
+        progress = auto_progress(self._progress_flag if analyze else False)
+        result = self._run(query, backend_for, progress, on_batch=record, plans_out=plans)
+        counter = self._token_counter(None) if not analyze else self._live_counter()
+        text = render_explain(plans, result.stats.calls, batches,
+                              counter=TokenCounter(counter), model=self._cost_model,
+                              analyze=analyze)
+        out = Explain(text, tuple(sent), result if analyze else None)
         if prompts is not None:
             out.write_prompts(prompts)
         return out
+
+    def _live_counter(self) -> Callable[[str], int] | None:
+        backends = list(self._backends.values()) or ([self._instance] if self._instance else [])
+        return backends[0].count_tokens if backends else None
 
     def _token_counter(self, model: str | None) -> Callable[[str], int] | None:
         """The model's tokenizer, if it is on disk already (never converts or downloads)."""
@@ -293,25 +319,6 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _explain_text(plans: list[QueryPlan], stats: QueryStats, batches: list[PromptBatch],
-                  *, exact: bool) -> str:
-    how = "tokenizer" if exact else "estimated at 4 chars/token"
-    lines: list[str] = []
-    by_id = {c.call_id: c for c in stats.calls}
-    for plan in plans:
-        lines.append(plan.explain())
-        for call in plan.calls:
-            c = by_id.get(call.id)
-            if c is None:
-                continue
-            lines.append(f"  {call.id}: rows in {c.rows_in}, distinct prompts {c.distinct_prompts}"
-                         f", prompt tokens {c.prompt_tokens} ({how})")
-            lines += [f"    {note}" for note in c.notes]
-    if any(c.kind == "LLM_FILTER" for c in stats.calls) and len(stats.calls) > 1:
-        lines.append("  (calls after an LLM_FILTER are counted as if every row passed it)")
-    return "\n".join(lines)
 
 
 def connect(

@@ -7,6 +7,7 @@ knows DuckDB's Arrow export API (it moved across versions; see docs/STYLE.md).
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,11 @@ class DuckDBExecutor:
 
     def run_call(self, call: LLMCall, env: StepEnv, /) -> CallStats:
         """Inputs from DuckDB, answers from the backend (in this process), lookup registered."""
-        lookup, stats = run_call(call, self.inputs(call), env)
+        t0 = time.perf_counter()
+        inputs = self.inputs(call)
+        took = time.perf_counter() - t0
+        lookup, stats = run_call(call, inputs, env)
+        stats.input_seconds = took
         self.put_lookup(call, lookup)
         return stats
 

@@ -49,6 +49,12 @@ class CallStats:
     failed: int = 0
     truncated: int = 0
     seconds: float = 0.0
+    input_seconds: float = 0.0
+    """Time the engine took to compute the call's inputs."""
+    generate_seconds: float = 0.0
+    """Time spent waiting for answers (backend, cache)."""
+    rule_seconds: tuple[tuple[str, float], ...] = ()
+    """Per optimizer rule, its name and run time."""
     notes: tuple[str, ...] = ()
     null_reasons: list[str] = field(default_factory=list)
 
@@ -251,6 +257,7 @@ def run_call(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table
         if env.on_batch is not None:
             env.on_batch(batch)
         stats.notes = batch.notes
+        stats.rule_seconds = tuple((t.rule, t.seconds) for t in trace)
         order = batch.send_order()
         stats.distinct_prompts = len(order)
         prompts = [
@@ -258,8 +265,10 @@ def run_call(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table
             for i in order
         ]
         env.progress.start(len(prompts), call.where)
+        t0 = time.perf_counter()
         answers = dict(zip(order, _answer_prompts(call, prompts, batch.batches, backend, env,
                                                   stats), strict=True))
+        stats.generate_seconds = time.perf_counter() - t0
         rep = batch.rep or tuple(range(batch.n_rows))
         results = [answers[rep[i]] for i in range(batch.n_rows)]
     stats.seconds = time.perf_counter() - start
