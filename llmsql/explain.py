@@ -66,8 +66,9 @@ def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "-"
 
 
-def _cost_lines(batch: PromptBatch, counter: TokenCounter, model: CostModel) -> list[str]:
-    sent = [batch.prompt(i) for i in batch.send_order()]
+def _cost_lines(batch: PromptBatch, rows: Sequence[int], counter: TokenCounter,
+                model: CostModel) -> list[str]:
+    sent = [batch.prompt(i) for i in rows]
     table = table_order_prompts(batch)
     tokens_of, how = counter.per_prompt(sent + table)
     out_tokens, basis = expected_output_tokens(batch, len(sent))
@@ -98,7 +99,7 @@ def _measured_lines(s: CallStats) -> list[str]:
 def render(
     plans: Sequence[QueryPlan],
     stats: Sequence[CallStats],
-    batches: Sequence[PromptBatch],
+    batches: Sequence[tuple[PromptBatch, Sequence[int]]],
     *,
     counter: TokenCounter,
     model: CostModel,
@@ -106,7 +107,7 @@ def render(
 ) -> str:
     """The EXPLAIN (or EXPLAIN ANALYZE) text."""
     by_id = {s.call_id: s for s in stats}
-    batch_of = {b.call.id: b for b in batches}
+    batch_of = {b.call.id: (b, rows) for b, rows in batches}
     lines: list[str] = []
     for plan in plans:
         lines.append(plan.explain())
@@ -117,7 +118,7 @@ def render(
             lines.append(f"  {call.id} {call.where}: rows in {s.rows_in:,}, "
                          f"distinct prompts {s.distinct_prompts:,}")
             if call.id in batch_of:
-                lines += _cost_lines(batch_of[call.id], counter, model)
+                lines += _cost_lines(*batch_of[call.id], counter, model)
             times = dict(s.rule_seconds)
             lines += [f"    rule {note} ({times.get(note.split(':')[0], 0.0):.3f}s)"
                       for note in s.notes if ":" in note]

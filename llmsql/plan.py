@@ -50,6 +50,8 @@ class LLMCall:
     group_keys: tuple[exp.Expression, ...] = ()
     line: int | None = None
     col: int | None = None
+    conjunct: tuple[int, int] | None = None
+    """(scope number, WHERE conjunct index) when the call is a whole WHERE conjunct."""
 
     @property
     def volatility(self) -> Volatility:

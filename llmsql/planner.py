@@ -14,13 +14,14 @@ over the tree: those duplicate or reorder LLM calls (see docs/STYLE.md).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from sqlglot import exp
 
-from llmsql.dialect import LLMSQL, LLMAgg, LLMFunc
+from llmsql.dialect import LLMSQL, LLMAgg, LLMFilter, LLMFunc
 from llmsql.errors import PlanError, UnsupportedError
 from llmsql.plan import ARG_PREFIX, GROUP_PREFIX, RESULT_COL, Field, LLMCall, QueryPlan
 from llmsql.udfs.base import CallKind, CallOptions
@@ -46,8 +47,23 @@ _CLAUSE_NAMES = {
 OPTION_NAMES = ("model", "max_tokens", "temperature", "seed", "labels", "schema", "truncate")
 
 
-def plan_query(sql: str, tree: exp.Expression, /, *, query_id: str = "q") -> QueryPlan:
+def plan_query(
+    sql: str,
+    tree: exp.Expression,
+    /,
+    *,
+    query_id: str = "q",
+    predicate_order: Mapping[tuple[int, int], float] | None = None,
+) -> QueryPlan:
     """Lift every LLM call of ``tree`` into an :class:`LLMCall`; ``tree`` is not modified.
+
+    Args:
+        sql: the query text (for messages).
+        tree: the parsed statement.
+        query_id: prefix of the call ids and lookup names.
+        predicate_order: rank of WHERE conjuncts, keyed by (scope number, conjunct index);
+            lower ranks are evaluated first (see ``order_llm_predicates``). Default: as
+            written.
 
     Raises:
         PlanError: a call is malformed (options, labels, schema, instruction).
@@ -56,9 +72,11 @@ def plan_query(sql: str, tree: exp.Expression, /, *, query_id: str = "q") -> Que
     work = tree.copy()
     counter = itertools.count(1)
     calls: list[LLMCall] = []
-    for scope in list(_selects_postorder(work)):
+    order = predicate_order or {}
+    for scope_no, scope in enumerate(list(_selects_postorder(work))):
         _move_inner_join_llm_conditions(scope, sql)
-        calls.extend(_plan_scope(scope, sql, query_id, counter))
+        _alias_llm_projections(scope)
+        calls.extend(_plan_scope(scope, scope_no, sql, query_id, counter, order))
     _reject_leftover_calls(work, sql)
     return QueryPlan(sql=sql, calls=tuple(calls), final=work)
 
@@ -126,32 +144,69 @@ def _move_inner_join_llm_conditions(scope: exp.Select, sql: str) -> None:
     scope.set("where", exp.Where(this=exp.and_(*(_conjuncts(where) + moved))))
 
 
-def _scope_calls(scope: exp.Select) -> list[LLMFunc]:
-    """LLM calls whose nearest SELECT is ``scope``, in planning order."""
-    found = [n for n in scope.find_all(LLMFunc) if _scope_of(n) is scope]
-    where = scope.args.get("where")
-    conj = _conjuncts(where)
+def _alias_llm_projections(scope: exp.Select) -> None:
+    """Name unaliased projections holding LLM calls as written (not as their lookup)."""
+    for proj in list(scope.expressions):
+        if not isinstance(proj, exp.Alias) and _has_llm(proj):
+            proj.replace(exp.alias_(proj.copy(), proj.sql(dialect=LLMSQL), quoted=True))
 
-    def key(n: LLMFunc) -> tuple[int, int, int, int]:
+
+def llm_filter_groups(tree: exp.Expression) -> list[tuple[int, tuple[int, ...]]]:
+    """Scopes whose WHERE has two or more conjuncts that are plain LLM_FILTER calls.
+
+    Returns (scope number, conjunct indexes) pairs: the predicates whose order the
+    ``order_llm_predicates`` rule may choose.
+    """
+    groups = []
+    for scope_no, scope in enumerate(list(_selects_postorder(tree.copy()))):
+        conj = _conjuncts(scope.args.get("where"))
+        plain = [i for i, c in enumerate(conj)
+                 if isinstance(c, LLMFilter) and not any(_has_llm(a) for a in c.expressions)]
+        if len(plain) >= 2 and len(plain) == sum(1 for c in conj if _has_llm(c)):
+            groups.append((scope_no, tuple(plain)))
+    return groups
+
+
+def _scope_calls(
+    scope: exp.Select, rank_of: Callable[[int], float]
+) -> list[tuple[LLMFunc, int | None]]:
+    """LLM calls whose nearest SELECT is ``scope``, in planning order, with the index of
+    the WHERE conjunct each one is (None when it is not a whole conjunct)."""
+    found = [n for n in scope.find_all(LLMFunc) if _scope_of(n) is scope]
+    conj = _conjuncts(scope.args.get("where"))
+
+    def conj_index(n: LLMFunc) -> int:
+        return next((i for i, c in enumerate(conj) if n is c or n in set(c.find_all(LLMFunc))), 0)
+
+    def key(n: LLMFunc) -> tuple[float, float, int, int]:
         clause = _clause_of(n, scope)
         rank = 9 if isinstance(n, LLMAgg) else _CLAUSE_RANK.get(clause, 5)
-        idx = next((i for i, c in enumerate(conj) if n is c or n in set(c.find_all(LLMFunc))), 0)
-        return (rank, idx if clause == "where" else 0, -n.depth, found.index(n))
+        where_rank = rank_of(conj_index(n)) if clause == "where" else 0
+        return (rank, where_rank, -n.depth, found.index(n))
 
-    return sorted(found, key=key)
+    ordered = sorted(found, key=key)
+    whole = {id(c): i for i, c in enumerate(conj)}
+    return [(n, whole.get(id(n))) for n in ordered]
 
 
 def _plan_scope(
-    scope: exp.Select, sql: str, query_id: str, counter: Iterator[int]
+    scope: exp.Select,
+    scope_no: int,
+    sql: str,
+    query_id: str,
+    counter: Iterator[int],
+    order: Mapping[tuple[int, int], float],
 ) -> list[LLMCall]:
     planned: dict[str, exp.Expression] = {}
     calls: list[LLMCall] = []
-    for node in _scope_calls(scope):
+    for node, conj in _scope_calls(scope, lambda i: order.get((scope_no, i), i)):
         text = node.sql(dialect=LLMSQL)
         if text in planned:  # the same call written twice in one scope: plan it once
             node.replace(planned[text].copy())
             continue
         call = _plan_call(node, scope, sql, f"{query_id}_{next(counter)}")
+        if conj is not None:
+            call = dataclasses.replace(call, conjunct=(scope_no, conj))
         calls.append(call)
         replacement = _lookup_expr(call)
         planned[text] = replacement
@@ -474,6 +529,15 @@ def _lookup_expr(call: LLMCall) -> exp.Expression:
     if call.kind is CallKind.AGG:
         return exp.AnyValue(this=sub)
     return sub
+
+
+def sampled(query: exp.Expression, rows: int, /, *, seed: int = 7) -> exp.Expression:
+    """``query`` reduced to a reproducible reservoir sample of ``rows`` rows."""
+    sample = exp.TableSample(method=exp.var("RESERVOIR"), size=exp.Literal.number(rows),
+                             seed=exp.Literal.number(seed))
+    sub = exp.Subquery(this=query.copy(), alias=exp.TableAlias(this=exp.to_identifier(
+        "__llmsql_sample")), sample=sample)
+    return exp.select("*").from_(sub)
 
 
 def _reject_leftover_calls(work: exp.Expression, sql: str) -> None:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+from sqlglot import exp
 
 from llmsql.backends import BACKENDS, BackendSpec, LLMBackend, default_backend_kind, get_backend
 from llmsql.backends.dry_run import DryRunBackend
@@ -31,7 +33,10 @@ from llmsql.optimizer import RuleContext
 from llmsql.optimizer.cost import CostModel
 from llmsql.parse import parse
 from llmsql.plan import PromptBatch, QueryPlan
-from llmsql.planner import plan_query
+from llmsql.optimizer.order_llm_predicates import SAMPLE_ROWS, PredicateEstimate
+from llmsql.optimizer.order_llm_predicates import estimate as estimate_predicate
+from llmsql.optimizer.order_llm_predicates import rank as rank_predicates
+from llmsql.planner import llm_filter_groups, plan_query, sampled
 from llmsql.progress import Progress, auto_progress
 
 
@@ -240,7 +245,7 @@ class Session:
         adds measured tokens, cache hits and time per stage.
         """
         sent: list[str] = []
-        batches: list[PromptBatch] = []
+        batches: list[tuple[PromptBatch, tuple[int, ...]]] = []
         dry: dict[str | None, LLMBackend] = {}
 
         def dry_backend(model: str | None) -> LLMBackend:
@@ -248,9 +253,9 @@ class Session:
                 dry[model] = DryRunBackend(self.spec(model), counter=self._token_counter(model))
             return dry[model]
 
-        def record(batch: PromptBatch) -> None:
-            batches.append(batch)
-            sent.extend(batch.prompt(i) for i in batch.send_order())
+        def record(batch: PromptBatch, rows: tuple[int, ...]) -> None:
+            batches.append((batch, rows))
+            sent.extend(batch.prompt(i) for i in rows)
 
         plans: list[QueryPlan] = []
         backend_for = self.backend if analyze else dry_backend
@@ -282,7 +287,7 @@ class Session:
         backend_for: Callable[[str | None], LLMBackend],
         progress: Progress,
         *,
-        on_batch: Callable[[PromptBatch], None] | None = None,
+        on_batch: Callable[[PromptBatch, tuple[int, ...]], None] | None = None,
         plans_out: list[QueryPlan] | None = None,
     ) -> Result:
         stats = QueryStats()
@@ -290,7 +295,8 @@ class Session:
                       on_batch=on_batch)
         table: pa.Table | None = None
         try:
-            for plan in self.plan(query):
+            for tree in parse(query):
+                plan = self._plan_statement(query, tree, env, stats)
                 if plans_out is not None:
                     plans_out.append(plan)
                 table = self._run_plan(plan, env, stats)
@@ -298,6 +304,47 @@ class Session:
             progress.close()
             self.last_stats = stats
         return Result(table if table is not None else pa.table({}), stats)
+
+    def _plan_statement(
+        self, query: str, tree: exp.Expression, env: StepEnv, stats: QueryStats
+    ) -> QueryPlan:
+        """Plan one statement; with the optimizer on, order its LLM filters by sampling."""
+        qid = f"q{next(self._ids)}"
+        plan = plan_query(query, tree, query_id=qid)
+        groups = llm_filter_groups(tree) if self._optimize else []
+        estimates = []
+        for scope_no, conjuncts in groups:
+            for k in conjuncts:
+                est = self._sample_filter(query, tree, (scope_no, k), f"{qid}p{k}", env, stats)
+                if est is None:
+                    return plan
+                estimates.append(est)
+        if not estimates:
+            return plan
+        return plan_query(query, tree, query_id=f"{qid}o", predicate_order=rank_predicates(
+            estimates))
+
+    def _sample_filter(
+        self, query: str, tree: exp.Expression, conjunct: tuple[int, int], qid: str,
+        env: StepEnv, stats: QueryStats,
+    ) -> PredicateEstimate | None:
+        """Answer a small sample of one LLM filter's own inputs (answers are kept in
+        ``env.known`` and never paid again) and estimate its selectivity and cost."""
+        probe = plan_query(query, tree, query_id=qid, predicate_order={conjunct: -1.0})
+        call = next(c for c in probe.calls if c.conjunct == conjunct)
+        if "__llmsql_" in call.input.sql():  # depends on other LLM calls: keep written order
+            return None
+        sample = dataclasses.replace(call, id=f"{call.id}s", lookup=f"{call.lookup}s",
+                                     input=sampled(call.input, SAMPLE_ROWS))
+        try:
+            s = self._executor.run_call(sample, env)
+        finally:
+            self._executor.drop_lookups(QueryPlan(query, (sample,), sample.input))
+        s.where += " (selectivity sample)"
+        stats.calls.append(s)
+        return estimate_predicate(conjunct, rows=s.rows_in, distinct=s.distinct_prompts,
+                                  true=s.true_answers, prompt_tokens=s.prompt_tokens,
+                                  answered=s.sent)
 
     def _run_plan(self, plan: QueryPlan, env: StepEnv, stats: QueryStats) -> pa.Table | None:
         try:

@@ -45,6 +45,8 @@ class CallStats:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     output_tokens: int = 0
+    true_answers: int = 0
+    """LLM_FILTER: distinct prompts answered TRUE (selectivity estimates use it)."""
     null_answers: int = 0
     failed: int = 0
     truncated: int = 0
@@ -67,8 +69,12 @@ class StepEnv:
     rule_ctx: Callable[[LLMBackend], RuleContext]
     progress: Progress
     memo: dict[tuple[Any, ...], Response] = field(default_factory=dict)
-    on_batch: Callable[[PromptBatch], None] | None = None
-    """Called with each optimized batch before it is sent (EXPLAIN --prompts uses it)."""
+    known: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    """Parsed answers by call signature and field values (any field order): an input
+    answered once in a query (e.g. in a selectivity sample) is never sent again."""
+    on_batch: Callable[[PromptBatch, tuple[int, ...]], None] | None = None
+    """Called with each optimized batch and the rows about to be sent, in send order
+    (rows answered earlier in the query are left out); EXPLAIN --prompts uses it."""
 
 
 # ---- binding --------------------------------------------------------------------------------
@@ -244,6 +250,22 @@ def result_type(call: LLMCall) -> pa.DataType:
     return pa.string()
 
 
+def _signature(call: LLMCall, backend: LLMBackend) -> tuple[Any, ...]:
+    """What makes two calls' answers interchangeable for equal field values."""
+    return (backend.model_id(), call.kind, call.template.instruction, call.template.fields,
+            call.options)
+
+
+def _rebound(bounds: Sequence[int], order: Sequence[int], skipped: set[int]) -> list[int]:
+    """Batch starts over ``order`` re-expressed over the rows that are still to send."""
+    if not skipped:
+        return list(bounds)
+    kept_before = [0]
+    for i in order:
+        kept_before.append(kept_before[-1] + (i not in skipped))
+    return sorted({kept_before[b] for b in bounds if kept_before[b] < kept_before[-1]})
+
+
 def run_call(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table, CallStats]:
     """Answer every input row of a scalar call; return the lookup table and stats."""
     if call.kind is CallKind.AGG:
@@ -254,21 +276,29 @@ def run_call(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table
     results: list[Any] = []
     if backend is not None:
         batch, trace = optimize(bind(call, inputs), env.rule_ctx(backend))
-        if env.on_batch is not None:
-            env.on_batch(batch)
         stats.notes = batch.notes
         stats.rule_seconds = tuple((t.rule, t.seconds) for t in trace)
         order = batch.send_order()
         stats.distinct_prompts = len(order)
+        signature = _signature(call, backend)
+        keys = {i: (signature, tuple(c[i] for c in batch.values)) for i in order}
+        answers = {i: env.known[keys[i]] for i in order if keys[i] in env.known}
+        todo = [i for i in order if i not in answers]
+        stats.reused += len(answers)
+        if env.on_batch is not None:
+            env.on_batch(batch, tuple(todo))
         prompts = [
             _fit(call, batch.prompt(i), [c[i] for c in batch.values], backend, stats)
-            for i in order
+            for i in todo
         ]
         env.progress.start(len(prompts), call.where)
         t0 = time.perf_counter()
-        answers = dict(zip(order, _answer_prompts(call, prompts, batch.batches, backend, env,
-                                                  stats), strict=True))
+        bounds = _rebound(batch.batches, order, set(answers))
+        answers.update(zip(todo, _answer_prompts(call, prompts, bounds, backend, env, stats),
+                           strict=True))
         stats.generate_seconds = time.perf_counter() - t0
+        env.known.update((keys[i], answers[i]) for i in order)
+        stats.true_answers = sum(1 for i in order if answers[i] is True)
         rep = batch.rep or tuple(range(batch.n_rows))
         results = [answers[rep[i]] for i in range(batch.n_rows)]
     stats.seconds = time.perf_counter() - start
