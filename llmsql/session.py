@@ -122,6 +122,14 @@ class Explain:
     text: str
     prompts: tuple[str, ...]
     result: Result | None = None
+    plans: tuple[QueryPlan, ...] = ()
+    """The plans that ran, per statement (structured EXPLAIN, e.g. the notebook's HTML)."""
+    calls: tuple[CallStats, ...] = ()
+    """Per LLM call statistics in execution order (dry-run figures without ANALYZE)."""
+    batches: tuple[tuple[PromptBatch, tuple[int, ...]], ...] = ()
+    """Each optimized batch with the rows it sent, in send order."""
+    cost_model: CostModel = CostModel()
+    """The cost model the figures were computed with."""
 
     def write_prompts(self, path: str | os.PathLike[str]) -> None:
         """Write one ``{"prompt": ...}`` JSON object per line."""
@@ -265,7 +273,9 @@ class Session:
         text = render_explain(plans, result.stats.calls, batches,
                               counter=TokenCounter(counter), model=self._cost_model,
                               analyze=analyze)
-        out = Explain(text, tuple(sent), result if analyze else None)
+        out = Explain(text, tuple(sent), result if analyze else None, plans=tuple(plans),
+                      calls=tuple(result.stats.calls), batches=tuple(batches),
+                      cost_model=self._cost_model)
         if prompts is not None:
             out.write_prompts(prompts)
         return out
@@ -332,7 +342,8 @@ class Session:
         ``env.known`` and never paid again) and estimate its selectivity and cost."""
         probe = plan_query(query, tree, query_id=qid, predicate_order={conjunct: -1.0})
         call = next(c for c in probe.calls if c.conjunct == conjunct)
-        if "__llmsql_" in call.input.sql():  # depends on other LLM calls: keep written order
+        if any(t.name.startswith("__llmsql_") for t in call.input.find_all(exp.Table)):
+            # its inputs depend on other LLM calls: keep the written order
             return None
         sample = dataclasses.replace(call, id=f"{call.id}s", lookup=f"{call.lookup}s",
                                      input=sampled(call.input, SAMPLE_ROWS))
