@@ -52,6 +52,8 @@ class LLMCall:
     col: int | None = None
     conjunct: tuple[int, int] | None = None
     """(scope number, WHERE conjunct index) when the call is a whole WHERE conjunct."""
+    stop_after: int | None = None
+    """LLM_FILTER under a LIMIT without ORDER BY: stop once this many rows passed."""
 
     @property
     def volatility(self) -> Volatility:

@@ -206,7 +206,8 @@ def _plan_scope(
             continue
         call = _plan_call(node, scope, sql, f"{query_id}_{next(counter)}")
         if conj is not None:
-            call = dataclasses.replace(call, conjunct=(scope_no, conj))
+            call = dataclasses.replace(call, conjunct=(scope_no, conj),
+                                       stop_after=_early_stop(scope, node))
         calls.append(call)
         replacement = _lookup_expr(call)
         planned[text] = replacement
@@ -452,6 +453,31 @@ def _limit_applies(scope: exp.Select, clause: str) -> bool:
         and not any(isinstance(e, exp.AggFunc) or e.find(exp.AggFunc, exp.Window)
                     for e in scope.expressions)
     )
+
+
+def _int_literal(node: exp.Expression | None) -> int | None:
+    value = node.expression if isinstance(node, (exp.Limit, exp.Offset)) else node
+    if isinstance(value, exp.Literal) and not value.is_string and value.name.isdigit():
+        return int(value.name)
+    return None
+
+
+def _early_stop(scope: exp.Select, node: LLMFunc) -> int | None:
+    """Rows needed when ``node`` is the only LLM conjunct of a LIMIT scope without ORDER BY.
+
+    Every input row of such a filter is one row of the scope, so once this many passed,
+    further answers cannot change which rows the LIMIT may return.
+    """
+    limit = _int_literal(scope.args.get("limit"))
+    offset = _int_literal(scope.args.get("offset")) if scope.args.get("offset") else 0
+    if limit is None or offset is None or not isinstance(node, LLMFilter):
+        return None
+    if any(scope.args.get(k) for k in ("order", "group", "distinct", "having", "qualify")):
+        return None
+    if any(e.find(exp.AggFunc, exp.Window) for e in scope.expressions):
+        return None
+    llm_conjuncts = [c for c in _conjuncts(scope.args.get("where")) if _has_llm(c)]
+    return limit + offset if llm_conjuncts == [node] else None
 
 
 def _group_keys(scope: exp.Select) -> tuple[exp.Expression, ...]:

@@ -217,3 +217,16 @@ def test_import_is_light() -> None:
     code = "import llmsql, sys; print(any(m in sys.modules for m in ('torch', 'vllm', 'pyspark', 'transformers')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_limit_without_order_stops_llm_filter_work_early(rule: RuleBackend) -> None:
+    many = pd.DataFrame({"id": range(1000), "review": [f"Great {i}" for i in range(1000)]})
+    with llmsql.connect(backend=rule, progress=False, batch_size=16) as con:
+        con.register("many", many)
+        res = con.sql("SELECT id, LLM('Say', review) AS s FROM many "
+                      "WHERE LLM_FILTER('Good?', review) LIMIT 5")
+    assert len(res) == 5
+    assert all(s.startswith("GREAT") for s in res.df()["s"])
+    filter_prompts = [p for p in rule.prompts if p.startswith("Good?")]
+    assert len(filter_prompts) == 16  # one batch was enough
+    assert "LIMIT reached" in " ".join(res.stats.calls[0].notes)

@@ -256,6 +256,20 @@ def _signature(call: LLMCall, backend: LLMBackend) -> tuple[Any, ...]:
             call.options)
 
 
+def _chunks(bounds: Sequence[int], n: int, stepwise: bool) -> list[tuple[int, int]]:
+    """The whole range at once, or batch by batch when an early stop may cut it short."""
+    if not stepwise:
+        return [(0, n)] if n else []
+    edges = [*bounds, n] if bounds else [0, n]
+    return [(lo, hi) for lo, hi in zip(edges, edges[1:], strict=False) if hi > lo]
+
+
+def _passed(batch: PromptBatch, answers: dict[int, Any]) -> int:
+    """Input rows whose (representative's) answer is TRUE."""
+    rep = batch.rep or range(batch.n_rows)
+    return sum(1 for r in rep if answers.get(r) is True)
+
+
 def _rebound(bounds: Sequence[int], order: Sequence[int], skipped: set[int]) -> list[int]:
     """Batch starts over ``order`` re-expressed over the rows that are still to send."""
     if not skipped:
@@ -294,13 +308,19 @@ def run_call(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table
         env.progress.start(len(prompts), call.where)
         t0 = time.perf_counter()
         bounds = _rebound(batch.batches, order, set(answers))
-        answers.update(zip(todo, _answer_prompts(call, prompts, bounds, backend, env, stats),
-                           strict=True))
+        for lo, hi in _chunks(bounds, len(todo), call.stop_after is not None):
+            if call.stop_after is not None and _passed(batch, answers) >= call.stop_after:
+                stats.notes = (*stats.notes, f"LIMIT reached: stopped after {lo} of "
+                               f"{len(todo)} prompts")
+                break
+            answers.update(zip(todo[lo:hi], _answer_prompts(
+                call, prompts[lo:hi], [b - lo for b in bounds if lo <= b < hi], backend, env,
+                stats), strict=True))
         stats.generate_seconds = time.perf_counter() - t0
-        env.known.update((keys[i], answers[i]) for i in order)
-        stats.true_answers = sum(1 for i in order if answers[i] is True)
+        env.known.update((keys[i], answers[i]) for i in order if i in answers)
+        stats.true_answers = sum(1 for i in order if answers.get(i) is True)
         rep = batch.rep or tuple(range(batch.n_rows))
-        results = [answers[rep[i]] for i in range(batch.n_rows)]
+        results = [answers.get(rep[i]) for i in range(batch.n_rows)]
     stats.seconds = time.perf_counter() - start
     if call.volatility is Volatility.VOLATILE:
         stats.notes = (*stats.notes, "volatile call: one sample per distinct input")
