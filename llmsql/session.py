@@ -160,7 +160,7 @@ class Session:
         database: str = ":memory:",
         progress: bool | None = None,
         optimize: bool = True,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         dry_run: bool = False,
         backend_options: dict[str, Any] | None = None,
         engine: str = "duckdb",
@@ -224,8 +224,10 @@ class Session:
         return self._backends[key]
 
     def _rule_ctx(self, backend: LLMBackend) -> RuleContext:
-        return RuleContext(capabilities=backend.capabilities, batch_size=self._batch_size,
-                           reorder=self._optimize)
+        caps = backend.capabilities
+        concurrent = caps.prefix_caching and not caps.batch_prefix_sharing
+        size = self._batch_size or (256 if concurrent else 64)
+        return RuleContext(capabilities=caps, batch_size=size, reorder=self._optimize)
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -402,7 +404,8 @@ def connect(
         database: a DuckDB database file, or ``:memory:``.
         progress: show a progress bar (None: when stderr is a terminal).
         optimize: reorder rows and fields for prefix-cache reuse.
-        batch_size: prompts handed to the backend at a time.
+        batch_size: prompts handed to the backend at a time (default: 256 for engines that
+            run a batch's requests concurrently, such as vLLM; 64 otherwise).
         dry_run: answer with fixed valid answers and never load a model (cost estimation).
         engine: ``duckdb`` (embedded, default) or ``spark``.
         spark: for ``engine='spark'``: a SparkSession (classic or Connect) or a master URL.

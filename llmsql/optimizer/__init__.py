@@ -15,6 +15,7 @@ from llmsql.optimizer.batch_by_length import batch_by_length
 from llmsql.optimizer.context import RuleContext
 from llmsql.optimizer.dedup_prompts import dedup_prompts
 from llmsql.optimizer.reorder_prompts import reorder_prompts
+from llmsql.optimizer.warm_prefixes import warm_prefixes
 from llmsql.plan import PromptBatch
 
 Rule = Callable[[PromptBatch, RuleContext], PromptBatch]
@@ -24,7 +25,9 @@ RULES: tuple[Rule, ...] = (
     dedup_prompts,
     # Then choose row and field order over the distinct prompts (needs dedup's reps).
     reorder_prompts,
-    # Last: cut the final send order into batches without changing it.
+    # Needs contiguous prefix groups: sends one leader per group ahead of its members.
+    warm_prefixes,
+    # Last: cut the final send order into batches without changing it (keeps waves).
     batch_by_length,
 )
 

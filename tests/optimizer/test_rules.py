@@ -1,0 +1,121 @@
+"""The batch-level rules: each keeps its invariant on real workload-shaped data."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from llmsql.backends.base import Capabilities
+from llmsql.optimizer import RULES, RuleContext, optimize
+from llmsql.optimizer._doctest import batch_of
+from llmsql.optimizer.batch_by_length import batch_by_length
+from llmsql.optimizer.dedup_prompts import dedup_prompts
+from llmsql.optimizer.reorder_prompts import reorder_prompts
+from llmsql.optimizer.warm_prefixes import warm_prefixes
+from llmsql.plan import PromptBatch
+
+CONCURRENT = Capabilities(prefix_caching=True, block_size=16)
+SHARING = Capabilities(prefix_caching=True, block_size=16, batch_prefix_sharing=True)
+
+
+def movies(n: int = 120) -> PromptBatch:
+    synopsis = [f"Synopsis of movie {i % 7}: " + "a long plot " * 12 for i in range(n)]
+    genre = [["drama", "crime", "comedy"][i % 3] for i in range(n)]
+    review = [f"review {i % 50} " + "x" * (i % 9) for i in range(n)]
+    return batch_of([synopsis, genre, review], instruction="Recommend? Answer Yes or No.")
+
+
+def row_fields(b: PromptBatch) -> Counter:
+    """Multiset of (row, name -> value) over the prompts the batch sends."""
+    out: Counter = Counter()
+    for i in b.send_order():
+        lines = b.prompt(i).splitlines()[1:]
+        out[(i, frozenset(lines))] += 1
+    return out
+
+
+def test_dedup_keeps_the_set_of_distinct_prompts() -> None:
+    b = movies()
+    d = dedup_prompts(b, RuleContext())
+    everything = {b.prompt(i) for i in range(b.n_rows)}
+    assert {d.prompt(i) for i in d.send_order()} == everything
+    assert len(d.send_order()) == len(everything)
+    assert all(d.prompt(d.rep[i]) == b.prompt(i) for i in range(b.n_rows))
+
+
+def test_dedup_does_not_apply_to_volatile_calls() -> None:
+    import dataclasses
+
+    from llmsql.udfs.base import CallOptions
+
+    b = movies()
+    call = dataclasses.replace(b.call, options=CallOptions(temperature=0.7))
+    assert dedup_prompts(dataclasses.replace(b, call=call), RuleContext()).rep is None
+
+
+def test_reorder_keeps_each_rows_fields_and_makes_groups_contiguous() -> None:
+    d = dedup_prompts(movies(), RuleContext())
+    r = reorder_prompts(d, RuleContext())
+    assert row_fields(r) == row_fields(d)
+    firsts = [r.prompt(i).splitlines()[1] for i in r.send_order()]
+    assert firsts == sorted(firsts, key=firsts.index)  # each first line in one run
+
+
+def test_reorder_keeps_placeholder_field_order() -> None:
+    b = batch_of([["x", "y", "x"], ["1", "2", "3"]], instruction="Rate {f1} then")
+    r = reorder_prompts(b, RuleContext())
+    assert all(r.field_order_of(i) in (None, (0,)) for i in range(3))
+    assert [r.prompt(i) for i in r.send_order()] != []
+    assert {r.prompt(i) for i in range(3)} == {b.prompt(i) for i in range(3)}
+
+
+def test_warm_prefixes_sends_leaders_first_and_keeps_the_prompts() -> None:
+    ctx = RuleContext(capabilities=CONCURRENT, batch_size=64)
+    r = reorder_prompts(dedup_prompts(movies(), ctx), ctx)
+    w = warm_prefixes(r, ctx)
+    assert Counter(w.send_order()) == Counter(r.send_order())
+    first_wave = w.send_order()[: w.batches[1]]
+    leads = [w.prompt(i).splitlines()[1] for i in first_wave]
+    assert len(set(leads)) == len(leads)  # one leader per group
+    assert "warm_prefixes" in w.notes[-1]
+
+
+def test_warm_prefixes_is_skipped_where_batches_share_prefixes() -> None:
+    ctx = RuleContext(capabilities=SHARING)
+    r = reorder_prompts(dedup_prompts(movies(), ctx), ctx)
+    assert warm_prefixes(r, ctx) is r
+
+
+def test_batch_by_length_cuts_at_group_starts_and_keeps_order() -> None:
+    ctx = RuleContext(capabilities=SHARING, batch_size=16)
+    r = reorder_prompts(dedup_prompts(movies(), ctx), ctx)
+    b = batch_by_length(r, ctx)
+    assert b.send_order() == r.send_order()
+    edges = [*b.batches, len(b.send_order())]
+    assert all(0 < hi - lo <= 16 for lo, hi in zip(edges, edges[1:]))
+    assert b.batches[0] == 0
+
+
+def test_batch_by_length_keeps_wave_bounds() -> None:
+    ctx = RuleContext(capabilities=CONCURRENT, batch_size=64)
+    w = warm_prefixes(reorder_prompts(dedup_prompts(movies(), ctx), ctx), ctx)
+    b = batch_by_length(w, ctx)
+    assert set(w.batches) <= set(b.batches)
+
+
+@pytest.mark.parametrize("caps", [CONCURRENT, SHARING])
+def test_the_pipeline_preserves_every_rows_fields(caps: Capabilities) -> None:
+    ctx = RuleContext(capabilities=caps, batch_size=32)
+    b = movies()
+    out, trace = optimize(b, ctx)
+    assert [t.rule for t in trace] == [r.__name__ for r in RULES]
+    assert row_fields(out) == row_fields(dedup_prompts(b, ctx))
+
+
+def test_every_rule_is_tested() -> None:
+    from pathlib import Path
+
+    text = Path(__file__).read_text()
+    for rule in RULES:
+        assert f"def test_{rule.__name__.split('_')[0]}" in text or rule.__name__ in text
