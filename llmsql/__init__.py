@@ -1,7 +1,8 @@
 """llmsql: declarative batch LLM queries over relational data.
 
 ``import llmsql`` stays light: torch, transformers, vllm and pyspark are imported only
-when a backend or executor that needs them is built.
+when a backend or executor that needs them is built. It registers the pandas accessor
+``df.llm`` (:mod:`llmsql.dataframe`); IPython is imported only by ``%load_ext llmsql``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,29 @@ from llmsql.errors import (
     QueryInterrupted,
     UnsupportedError,
 )
+from typing import Any
+
+from llmsql.dataframe import frame
+from llmsql.frames import default_session, set_default_session, sql
 from llmsql.session import Explain, Result, Session, connect
 from llmsql.udfs.base import Volatility
 
 __version__ = "0.1.0"
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext llmsql``: the ``%%llmsql`` magic (see :mod:`llmsql.jupyter`)."""
+    from llmsql.jupyter import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext llmsql``: close the sessions the magic opened."""
+    from llmsql.jupyter import unload_ipython_extension as unload
+
+    unload(ipython)
+
 
 __all__ = [
     "BackendError",
@@ -39,4 +59,10 @@ __all__ = [
     "UnsupportedError",
     "Volatility",
     "connect",
+    "default_session",
+    "frame",
+    "load_ipython_extension",
+    "set_default_session",
+    "sql",
+    "unload_ipython_extension",
 ]

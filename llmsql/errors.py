@@ -72,3 +72,19 @@ class QueryInterrupted(LLMSQLError, KeyboardInterrupt):
 
 class UnsupportedError(LLMSQLError, NotImplementedError):
     """The request is valid SQL but llmsql does not support it (yet)."""
+
+
+class CallFailed(ExecutionError):
+    """A prompt failed for good under ``SET llmsql.on_error = 'fail'``."""
+
+
+class BudgetExceeded(LLMSQLError, RuntimeError):
+    """A query reached one of its budgets (``llmsql.max_calls``...) and stopped.
+
+    ``budget`` names it; ``limit`` and ``used`` are in its unit (calls, tokens or dollars).
+    Finished work is kept in the result cache: raise the budget and run again to continue.
+    """
+
+    def __init__(self, message: str, *, budget: str, limit: float, used: float) -> None:
+        super().__init__(message)
+        self.budget, self.limit, self.used = budget, limit, used

@@ -1,4 +1,4 @@
-"""Progress reporting: a bar on a terminal (rows, tokens/s, prefix-cache hits), else quiet."""
+"""Progress reporting: a bar on a terminal or in Jupyter (prompts, tokens/s, cache hits)."""
 
 from __future__ import annotations
 
@@ -86,7 +86,15 @@ class TerminalProgress:
 
 
 def auto_progress(enabled: bool | None) -> Progress:
-    """A terminal bar when ``enabled`` is True, or None and stderr is a terminal."""
+    """A bar when ``enabled`` is True, or None and in Jupyter or stderr is a terminal.
+
+    Inside a Jupyter kernel the bar is HTML (:mod:`llmsql.progress_notebook`).
+    """
+    from llmsql.progress_notebook import NotebookProgress, in_notebook
+
+    notebook = in_notebook()
     if enabled is None:
-        enabled = sys.stderr.isatty()
-    return TerminalProgress() if enabled else NoProgress()
+        enabled = notebook or sys.stderr.isatty()
+    if not enabled:
+        return NoProgress()
+    return NotebookProgress() if notebook else TerminalProgress()

@@ -388,7 +388,7 @@ def connect(
     database: str = ":memory:",
     progress: bool | None = None,
     optimize: bool = True,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     dry_run: bool = False,
     engine: str = "duckdb",
     spark: Any = None,

@@ -8,6 +8,8 @@ the lookup goes; nothing here knows about DuckDB or Spark.
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +18,15 @@ from typing import Any
 import pyarrow as pa
 
 from llmsql.backends.base import LLMBackend, Request, Response
-from llmsql.errors import BackendError, ContextLengthError, QueryInterrupted
+from llmsql.budget import BudgetMeter
+from llmsql.cache import ResultCache, reproducible, request_key
+from llmsql.errors import (
+    BackendError,
+    BudgetExceeded,
+    CallFailed,
+    ContextLengthError,
+    QueryInterrupted,
+)
 from llmsql.optimizer import RuleContext, optimize
 from llmsql.plan import ARG_PREFIX, GROUP_PREFIX, RESULT_COL, LLMCall, PromptBatch
 from llmsql.progress import Progress
@@ -27,8 +37,26 @@ from llmsql.udfs.llm_extract import TYPES, json_schema
 from llmsql.udfs.llm_filter import CHOICES
 from llmsql.udfs.prompts import render_value
 
+logger = logging.getLogger(__name__)
+
 TEMPLATE_OVERHEAD_TOKENS = 64
 """Room left for a chat template around the prompt when lengths are checked by bytes."""
+
+MAX_ERRORS_KEPT = 1000
+"""Per call, the failed or unparseable rows whose reasons are kept for ``last_errors()``."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallError:
+    """Why one prompt's row is NULL: the request failed for good, or its answer was unusable."""
+
+    call_id: str
+    where: str
+    kind: str
+    """``failed`` (the backend gave up on it) or ``unparseable`` (the answer did not parse)."""
+    reason: str
+    prompt: str
+    """The prompt's first 200 characters."""
 
 
 @dataclass(slots=True)
@@ -59,6 +87,10 @@ class CallStats:
     """Per optimizer rule, its name and run time."""
     notes: tuple[str, ...] = ()
     null_reasons: list[str] = field(default_factory=list)
+    from_cache: int = 0
+    """Prompts answered by the persistent result cache (not sent, not paid)."""
+    errors: list[CallError] = field(default_factory=list)
+    """Failed and unparseable rows with reasons (the first ``MAX_ERRORS_KEPT``)."""
 
 
 @dataclass(slots=True)
@@ -75,6 +107,12 @@ class StepEnv:
     on_batch: Callable[[PromptBatch, tuple[int, ...]], None] | None = None
     """Called with each optimized batch and the rows about to be sent, in send order
     (rows answered earlier in the query are left out); EXPLAIN --prompts uses it."""
+    cache: ResultCache | None = None
+    """Read before the backend, written after every batch; None: no persistent cache."""
+    on_error: str = "null"
+    """``null``: a prompt that failed for good gives NULL; ``fail``: the query stops."""
+    budget: BudgetMeter | None = None
+    """The query's budgets (None: unlimited)."""
 
 
 # ---- binding --------------------------------------------------------------------------------
@@ -167,25 +205,66 @@ def _truncate(call: LLMCall, values: list[str], budget: int, backend: LLMBackend
 # ---- sending ------------------------------------------------------------------------------
 
 
+def _cache_hits(reqs: Sequence[Request], backend: LLMBackend, env: StepEnv) -> dict[int, Response]:
+    """Answers of reproducible ``reqs`` found in the result cache, by position."""
+    if env.cache is None:
+        return {}
+    model = backend.model_id()
+    keys = {i: request_key(model, r) for i, r in enumerate(reqs) if reproducible(r)}
+    found = env.cache.get_many(list(keys.values()))
+    return {i: found[k] for i, k in keys.items() if k in found}
+
+
+def _commit(reqs: Sequence[Request], answers: Sequence[Response], backend: LLMBackend,
+            env: StepEnv) -> None:
+    """Write a batch's reproducible, successful answers to the result cache."""
+    if env.cache is None:
+        return
+    model = backend.model_id()
+    items = [(request_key(model, q), model, a) for q, a in zip(reqs, answers, strict=True)
+             if a.error is None and reproducible(q)]
+    try:
+        env.cache.put_many(items)
+    except sqlite3.Error as exc:
+        env.cache.write_errors += 1
+        logger.warning("could not write %d answers to the result cache %s: %s; they will be "
+                       "paid again if the query is re-run", len(items), env.cache.path, exc)
+
+
+def _generate(backend: LLMBackend, reqs: list[Request]) -> list[Response]:
+    answers = backend.generate(reqs)
+    if len(answers) != len(reqs):
+        raise BackendError(
+            f"backend {backend.name!r} returned {len(answers)} answers for {len(reqs)} "
+            "prompts", backend=backend.name,
+        )
+    return answers
+
+
 def _send(
-    reqs: list[Request], keys: list[tuple[Any, ...]], backend: LLMBackend, env: StepEnv,
-    stats: CallStats,
+    reqs: list[Request], keys: list[tuple[Any, ...]], hits: dict[int, Response],
+    backend: LLMBackend, env: StepEnv, stats: CallStats, model: str | None,
 ) -> list[Response]:
-    """Answer ``reqs``, from the query's memo where possible, else from the backend."""
+    """Answer ``reqs``: from the query's memo, then the result cache (``hits``), then the
+    backend, in parts that fit the budget; each part is committed to the cache at once."""
     out: list[Response | None] = [env.memo.get(k) for k in keys]
+    stats.reused += sum(r is not None for r in out)
+    for i, resp in hits.items():
+        if out[i] is None:
+            out[i] = env.memo[keys[i]] = resp
+            stats.from_cache += 1
     todo = [i for i, r in enumerate(out) if r is None]
-    stats.reused += len(reqs) - len(todo)
-    if todo:
-        try:
-            answers = backend.generate([reqs[i] for i in todo])
-        except BackendError:
-            raise
-        if len(answers) != len(todo):
-            raise BackendError(
-                f"backend {backend.name!r} returned {len(answers)} answers for {len(todo)} "
-                "prompts", backend=backend.name,
-            )
-        for i, resp in zip(todo, answers, strict=True):
+    while todo:
+        n = env.budget.admit(model, [reqs[i] for i in todo]) if env.budget else len(todo)
+        if n == 0:
+            assert env.budget is not None
+            raise env.budget.blocked(model, reqs[todo[0]])
+        part, todo = todo[:n], todo[n:]
+        answers = _generate(backend, [reqs[i] for i in part])
+        if env.budget is not None:
+            env.budget.record(model, answers)
+        _commit([reqs[i] for i in part], answers, backend, env)
+        for i, resp in zip(part, answers, strict=True):
             out[i] = resp
             if resp.error is None:
                 env.memo[keys[i]] = resp
@@ -196,42 +275,87 @@ def _send(
     return [r for r in out if r is not None]
 
 
-def _parse(call: LLMCall, resp: Response, stats: CallStats) -> Any:
+def _parse(call: LLMCall, resp: Response, prompt: str, env: StepEnv, stats: CallStats) -> Any:
     if resp.error is not None:
         stats.failed += 1
-        _reason(stats, f"failed: {resp.error}")
+        _reason(stats, call, "failed", resp.error, prompt)
+        if env.on_error == "fail":
+            raise CallFailed(
+                f"{call.where} failed for the prompt {prompt[:80]!r}: {resp.error}; the query "
+                f"stopped because llmsql.on_error = 'fail'. {_kept(env, stats)}; fix the "
+                "cause, or SET llmsql.on_error = 'null' to get NULL for rows that fail",
+                step=call.id,
+            )
         return None
     parsed: Parsed = REGISTRY[call.kind].parse(resp.text, call.options)
     if not parsed.ok:
         stats.null_answers += 1
-        _reason(stats, parsed.reason)
+        _reason(stats, call, "unparseable", parsed.reason, prompt)
     return parsed.value
 
 
-def _reason(stats: CallStats, reason: str) -> None:
+def _reason(stats: CallStats, call: LLMCall, kind: str, reason: str, prompt: str) -> None:
     if len(stats.null_reasons) < 20:
-        stats.null_reasons.append(reason)
+        stats.null_reasons.append(reason if kind == "unparseable" else f"failed: {reason}")
+    if len(stats.errors) < MAX_ERRORS_KEPT:
+        stats.errors.append(CallError(call.id, call.where, kind, reason, prompt[:200]))
+
+
+def _kept(env: StepEnv, stats: CallStats) -> str:
+    done = f"{stats.sent} prompts were answered by the backend"
+    if env.cache is None:
+        return done + " (the result cache is off: a re-run pays for them again)"
+    return done + "; they are kept in the result cache, so a re-run does not pay for them"
+
+
+def _to_send(reqs: list[Request], keys: list[tuple[Any, ...]], hits: dict[int, Response],
+             env: StepEnv) -> list[Request]:
+    """The distinct requests that neither the memo nor the result cache answers."""
+    seen: set[tuple[Any, ...]] = set()
+    out = []
+    for i, (r, k) in enumerate(zip(reqs, keys, strict=True)):
+        if i not in hits and k not in env.memo and k not in seen:
+            seen.add(k)
+            out.append(r)
+    return out
 
 
 def _answer_prompts(
     call: LLMCall, prompts: list[str], bounds: Sequence[int], backend: LLMBackend,
     env: StepEnv, stats: CallStats,
 ) -> list[Any]:
-    """Send prompts batch by batch (``bounds``: batch starts), return parsed values."""
+    """Send prompts batch by batch (``bounds``: batch starts), return parsed values.
+
+    The result cache is read for every prompt first; a budget is checked against the
+    prompts it does not answer before anything is sent.
+    """
     values: list[Any] = []
     edges = [*bounds, len(prompts)] if bounds else [0, len(prompts)]
     try:
+        reqs = [_request(call, p, backend) for p in prompts]
+        keys = [_memo_key(backend, r) for r in reqs]
+        hits = _cache_hits(reqs, backend, env)
+        if env.budget is not None:
+            env.budget.check_step(call.where, call.options.model,
+                                  _to_send(reqs, keys, hits, env))
         for lo, hi in zip(edges, edges[1:], strict=False):
-            reqs = [_request(call, p, backend) for p in prompts[lo:hi]]
-            keys = [_memo_key(backend, r) for r in reqs]
-            resps = _send(reqs, keys, backend, env, stats)
-            values += [_parse(call, r, stats) for r in resps]
+            part = {i - lo: r for i, r in hits.items() if lo <= i < hi}
+            resps = _send(reqs[lo:hi], keys[lo:hi], part, backend, env, stats,
+                          call.options.model)
+            values += [_parse(call, r, p, env, stats)
+                       for r, p in zip(resps, prompts[lo:hi], strict=True)]
             env.progress.advance(hi - lo, sum(r.prompt_tokens + r.output_tokens for r in resps),
                                  sum(r.cached_tokens for r in resps))
     except KeyboardInterrupt:
         raise QueryInterrupted(
             f"query interrupted during {call.where}: {len(values)} of {len(prompts)} prompts "
-            "were answered; nothing was written"
+            f"were answered; {_kept(env, stats)}"
+        ) from None
+    except BudgetExceeded as exc:
+        raise BudgetExceeded(
+            f"{exc}. The query stopped in {call.where} with {len(values)} of {len(prompts)} "
+            f"prompts answered; {_kept(env, stats)}; raise the budget (SET llmsql.{exc.budget} "
+            "= ...) and run again to continue", budget=exc.budget, limit=exc.limit, used=exc.used,
         ) from None
     return values
 
