@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from llmsql.errors import BackendError, ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -246,3 +246,35 @@ def model_max_len(path: str | os.PathLike[str], /) -> int:
         if isinstance(value, int) and value > 0:
             return min(value, DEFAULT_MAX_MODEL_LEN)
     return DEFAULT_MAX_MODEL_LEN
+
+
+def local_model_folder(name: str | None, /, *, cache_dir: str | os.PathLike[str] | None = None
+                       ) -> pathlib.Path | None:
+    """The model's folder if it is already on disk (never converts), else None."""
+    if name is None or name in EMBEDDED_MODEL_NAMES:
+        base = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        folder = base / "models" / EMBEDDED_FOLDER_NAME
+        return folder if (folder / _MARKER).is_file() else None
+    folder = pathlib.Path(name).expanduser()
+    return folder if (folder / "config.json").is_file() else None
+
+
+def local_tokenizer_counter(name: str | None, /) -> Callable[[str], int] | None:
+    """Token counter from the model's ``tokenizer.json`` when it is on disk already.
+
+    Uses the light ``tokenizers`` library (no torch, no transformers import), so EXPLAIN
+    stays fast; counts the prompt as written, before any chat template.
+    """
+    folder = local_model_folder(name)
+    if folder is None or not (folder / "tokenizer.json").is_file():
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+    def count(text: str) -> int:
+        return len(tok.encode(text, add_special_tokens=False).ids)
+
+    return count

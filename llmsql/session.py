@@ -24,9 +24,11 @@ from sqlglot import exp
 
 from llmsql.backends import BACKENDS, BackendSpec, LLMBackend, default_backend_kind, get_backend
 from llmsql.backends.dry_run import DryRunBackend
+from llmsql.budget import Budget, BudgetMeter, Price, Settings, apply_setting
+from llmsql.cache import LazyBackend, ResultCache, default_cache_path
 from llmsql.errors import ConfigError
 from llmsql.executors import Executor, make_executor
-from llmsql.executors.llm_step import CallStats, StepEnv
+from llmsql.executors.llm_step import CallError, CallStats, StepEnv
 from llmsql.explain import TokenCounter
 from llmsql.explain import render as render_explain
 from llmsql.optimizer import RuleContext
@@ -64,7 +66,8 @@ class QueryStats:
             extra = "".join(
                 f", {n} {what}" for n, what in ((c.null_answers, "unparseable -> NULL"),
                                                 (c.failed, "failed -> NULL"),
-                                                (c.truncated, "truncated")) if n
+                                                (c.truncated, "truncated"),
+                                                (c.from_cache, "from the result cache")) if n
             )
             lines.append(
                 f"{c.where}: {c.rows_in} rows, {c.distinct_prompts} distinct prompts, "
@@ -166,6 +169,10 @@ class Session:
         engine: str = "duckdb",
         spark: Any = None,
         cost_model: CostModel | None = None,
+        cache: bool | str | os.PathLike[str] | None = None,
+        on_error: str = "null",
+        budget: Budget | dict[str, Any] | None = None,
+        prices: dict[str, Any] | None = None,
     ) -> None:
         if isinstance(backend, str) and backend not in BACKENDS:
             raise ConfigError(
@@ -186,6 +193,13 @@ class Session:
         self.engine = engine
         self.last_stats: QueryStats | None = None
         self._cost_model = cost_model or CostModel()
+        self._settings = _initial_settings(on_error, budget)
+        self._prices = {str(k): Price.parse(str(k), v) for k, v in (prices or {}).items()}
+        self._cache_path = _cache_path(cache, custom=self._instance is not None,
+                                       dry_run=dry_run)
+        self._cache: ResultCache | None = None
+        self._lazy: dict[str | None, LazyBackend] = {}
+        self._options = _resolve_openai_options(self._kind, self._options)
 
     # -- tables -------------------------------------------------------------------------------
 
@@ -223,6 +237,45 @@ class Session:
             self._backends[key] = DryRunBackend(spec) if self._dry_run else get_backend(spec)
         return self._backends[key]
 
+    def _step_backend(self, model: str | None = None) -> LLMBackend:
+        """The backend a query step uses: built lazily, so cached answers need no model."""
+        if self._instance is not None or self._dry_run:
+            return self.backend(model)
+        key = model or self._model
+        if key not in self._lazy:
+            self._lazy[key] = LazyBackend(self.spec(model), lambda: self.backend(model),
+                                          self._result_cache())
+        return self._lazy[key]
+
+    def _result_cache(self) -> ResultCache | None:
+        """The persistent result cache, if this session uses one (opened on first use)."""
+        if self._cache_path is None or not self._settings.cache:
+            return None
+        if self._cache is None:
+            self._cache = ResultCache(self._cache_path)
+        return self._cache
+
+    @property
+    def settings(self) -> Settings:
+        """The current ``SET llmsql.*`` settings."""
+        return self._settings
+
+    def set(self, name: str, value: Any, /) -> None:
+        """Same as ``SET llmsql.<name> = <value>`` (None clears a budget).
+
+        Raises:
+            ConfigError: an unknown setting or a bad value.
+        """
+        self._settings = apply_setting(self._settings, name, value)
+
+    def last_errors(self) -> tuple[CallError, ...]:
+        """Why rows of the last query are NULL: failed requests and unparseable answers."""
+        calls = self.last_stats.calls if self.last_stats is not None else []
+        return tuple(e for c in calls for e in c.errors)
+
+    def _price(self, model: str | None) -> Price | None:
+        return self._prices.get(model or self._model or "default")
+
     def _rule_ctx(self, backend: LLMBackend) -> RuleContext:
         caps = backend.capabilities
         concurrent = caps.prefix_caching and not caps.batch_prefix_sharing
@@ -237,7 +290,8 @@ class Session:
 
     def sql(self, query: str, /) -> Result:
         """Run ``query`` (one or more statements); return the last statement's result."""
-        return self._run(query, self.backend, auto_progress(self._progress_flag))
+        return self._run(query, self._step_backend, auto_progress(self._progress_flag),
+                         live=True)
 
     def explain(
         self,
@@ -268,9 +322,10 @@ class Session:
             sent.extend(batch.prompt(i) for i in rows)
 
         plans: list[QueryPlan] = []
-        backend_for = self.backend if analyze else dry_backend
+        backend_for = self._step_backend if analyze else dry_backend
         progress = auto_progress(self._progress_flag if analyze else False)
-        result = self._run(query, backend_for, progress, on_batch=record, plans_out=plans)
+        result = self._run(query, backend_for, progress, on_batch=record, plans_out=plans,
+                           live=analyze)
         counter = self._token_counter(None) if not analyze else self._live_counter()
         text = render_explain(plans, result.stats.calls, batches,
                               counter=TokenCounter(counter), model=self._cost_model,
@@ -288,10 +343,9 @@ class Session:
 
     def _token_counter(self, model: str | None) -> Callable[[str], int] | None:
         """The model's tokenizer, if it is on disk already (never converts or downloads)."""
-        from llmsql import models
+        from llmsql.models import local_tokenizer_counter
 
-        finder = getattr(models, "local_tokenizer_counter", None)
-        return finder(model or self._model) if finder else None
+        return local_tokenizer_counter(model or self._model)
 
     def _run(
         self,
@@ -301,13 +355,20 @@ class Session:
         *,
         on_batch: Callable[[PromptBatch, tuple[int, ...]], None] | None = None,
         plans_out: list[QueryPlan] | None = None,
+        live: bool = False,
     ) -> Result:
         stats = QueryStats()
         env = StepEnv(backend_for=backend_for, rule_ctx=self._rule_ctx, progress=progress,
                       on_batch=on_batch)
+        meter = BudgetMeter(self._settings.budget, self._price)
         table: pa.Table | None = None
         try:
             for tree in parse(query):
+                if _apply_set(self, tree):
+                    meter.budget = self._settings.budget
+                    continue
+                if live:
+                    _configure_step_env(env, self, meter)
                 plan = self._plan_statement(query, tree, env, stats)
                 if plans_out is not None:
                     plans_out.append(plan)
@@ -372,6 +433,9 @@ class Session:
         for b in self._backends.values():
             b.close()
         self._backends.clear()
+        self._lazy.clear()
+        if self._cache is not None:
+            self._cache.close()
         self._executor.close()
 
     def __enter__(self) -> Session:
@@ -392,6 +456,10 @@ def connect(
     dry_run: bool = False,
     engine: str = "duckdb",
     spark: Any = None,
+    cache: bool | str | os.PathLike[str] | None = None,
+    on_error: str = "null",
+    budget: Budget | dict[str, Any] | None = None,
+    prices: dict[str, Any] | None = None,
     **backend_options: Any,
 ) -> Session:
     """Open a session.
@@ -409,11 +477,98 @@ def connect(
         dry_run: answer with fixed valid answers and never load a model (cost estimation).
         engine: ``duckdb`` (embedded, default) or ``spark``.
         spark: for ``engine='spark'``: a SparkSession (classic or Connect) or a master URL.
-        **backend_options: backend settings, e.g. ``max_model_len=2048``.
+        cache: the persistent result cache: None (default: on, at ``$LLMSQL_CACHE`` or
+            ``$XDG_CACHE_HOME/llmsql/results.sqlite``, off for backend objects), a file
+            path, True or False. ``LLMSQL_CACHE=off`` turns the default off.
+        on_error: ``null`` (a prompt that fails for good gives NULL, see ``last_errors()``)
+            or ``fail`` (the query stops); also ``SET llmsql.on_error``.
+        budget: per-query limits, a :class:`llmsql.budget.Budget` or a dict with
+            ``max_calls``, ``max_prompt_tokens``, ``max_output_tokens``, ``max_cost_usd``;
+            also ``SET llmsql.max_calls = N`` etc.
+        prices: model name (``default`` for the session's model when none is named) ->
+            ``(input, output)`` USD per million tokens, for ``max_cost_usd``.
+        **backend_options: backend settings, e.g. ``max_model_len=2048``; for ``openai``:
+            ``base_url``, ``api_key_env``, ``concurrency``, ``timeout``, ``max_retries``,
+            ``rpm``, ``tpm`` (see :mod:`llmsql.backends.openai_compat`).
 
     Raises:
         ConfigError: an unknown backend or a bad setting.
     """
     return Session(backend=backend, model=model, database=database, progress=progress,
                    optimize=optimize, batch_size=batch_size, dry_run=dry_run,
-                   backend_options=backend_options, engine=engine, spark=spark)
+                   backend_options=backend_options, engine=engine, spark=spark,
+                   cache=cache, on_error=on_error, budget=budget, prices=prices)
+
+
+# ---- settings, cache and budgets (SET llmsql.*) ----------------------------------------------
+
+
+def _initial_settings(on_error: str, budget: Budget | dict[str, Any] | None) -> Settings:
+    settings = apply_setting(Settings(), "on_error", on_error)
+    items = dataclasses.asdict(budget) if isinstance(budget, Budget) else dict(budget or {})
+    for name, value in items.items():
+        settings = apply_setting(settings, name, value)
+    return settings
+
+
+def _cache_path(cache: bool | str | os.PathLike[str] | None, *, custom: bool,
+                dry_run: bool) -> Path | None:
+    """Where the result cache lives, or None when it is off (dry runs never cache)."""
+    if dry_run or cache is False:
+        return None
+    if cache is None:
+        env = os.environ.get("LLMSQL_CACHE", "")
+        if custom or env.lower() in ("off", "0", "false", "no"):
+            return None
+        return Path(env).expanduser() if env else default_cache_path()
+    return default_cache_path() if cache is True else Path(cache).expanduser()
+
+
+def _resolve_openai_options(kind: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Read ``OPENAI_BASE_URL`` once, and hide an API key given in code behind a Secret."""
+    if kind != "openai":
+        return options
+    from llmsql.backends.openai_compat import Secret
+
+    out = dict(options)
+    if "base_url" not in out and os.environ.get("OPENAI_BASE_URL"):
+        out["base_url"] = os.environ["OPENAI_BASE_URL"]
+    if isinstance(out.get("api_key"), str):
+        out["api_key"] = Secret(out["api_key"])
+    return out
+
+
+def _set_value(node: exp.Expression) -> Any:
+    if isinstance(node, exp.Null):
+        return None
+    if isinstance(node, exp.Boolean):
+        return bool(node.this)
+    if isinstance(node, exp.Literal):
+        return node.this if node.is_string else node.to_py()
+    if isinstance(node, exp.Neg) and isinstance(node.this, exp.Literal):
+        return -node.this.to_py()
+    if isinstance(node, (exp.Column, exp.Identifier, exp.Var)):
+        return node.name
+    raise ConfigError(f"SET llmsql.*: cannot read the value {node.sql()!r}; use a literal")
+
+
+def _apply_set(session: Session, tree: exp.Expression) -> bool:
+    """Apply ``SET llmsql.<name> = <value>`` to the session; False for any other statement."""
+    if not isinstance(tree, exp.Set):
+        return False
+    items = [i.this for i in tree.expressions if isinstance(i, exp.SetItem)]
+    targets = [i.this for i in items if isinstance(i, exp.EQ)]
+    if len(targets) != len(items) or not targets or any(
+        not isinstance(t, exp.Column) or t.table.lower() != "llmsql" for t in targets
+    ):
+        return False
+    for item in items:
+        session.set(item.this.name, _set_value(item.expression))
+    return True
+
+
+def _configure_step_env(env: StepEnv, session: Session, meter: BudgetMeter) -> None:
+    """Give a live run the current settings: cache, error policy, budgets."""
+    env.cache = session._result_cache()
+    env.on_error = session._settings.on_error
+    env.budget = meter if meter.budget.active() else None
