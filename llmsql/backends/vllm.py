@@ -13,6 +13,8 @@ vLLM's two extra processes (each importing torch and vLLM again) cuts the start 
 
 Spec options (``BackendSpec.make("vllm", model, **options)``):
 
+- ``enable_prefix_caching`` (True; False for the no-cache baseline), ``ignore_eos`` (False;
+  True makes free-text requests run to ``max_tokens``, for random-weight benchmarks).
 - ``max_model_len`` (2048), ``enforce_eager`` (True on CPU, False on GPU), ``seed`` (0),
   ``dtype`` ("auto"), ``tokenizer`` (the model folder), ``load_format`` ("dummy" for
   benchmarks with random weights), ``chat_template`` (True: prompts are wrapped as one user
@@ -29,6 +31,7 @@ Spec options (``BackendSpec.make("vllm", model, **options)``):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -49,7 +52,9 @@ ENGINE_OPTIONS: frozenset[str] = frozenset(
         "attention_backend",
         "chat_template",
         "dtype",
+        "enable_prefix_caching",
         "enforce_eager",
+        "ignore_eos",
         "gpu_memory_utilization",
         "kv_cache_space_gb",
         "load_format",
@@ -141,8 +146,9 @@ class VLLMEngine:
         )
         self._request_errors = _request_errors()
         config = self._llm.llm_engine.vllm_config
+        self._ignore_eos = bool(spec.option("ignore_eos", False))
         self.capabilities = Capabilities(
-            prefix_caching=True,
+            prefix_caching=bool(spec.option("enable_prefix_caching", True)),
             constrained_choice=True,
             json_schema=True,
             max_model_len=config.model_config.max_model_len,
@@ -190,6 +196,13 @@ class VLLMEngine:
             llm.llm_engine.engine_core.shutdown()
             del self._llm
 
+    def _bench_eos(self, req: Request) -> Request:
+        """With the ``ignore_eos`` option, free-text requests run to ``max_tokens`` (for
+        benchmarks with random weights, which never stop on their own)."""
+        if self._ignore_eos and req.choices is None and req.json_schema is None:
+            return dataclasses.replace(req, ignore_eos=True)
+        return req
+
     def _encode(self, prompt: str) -> list[int]:
         if not self._chat:
             return list(self._tokenizer.encode(prompt))
@@ -232,7 +245,7 @@ class VLLMEngine:
 
         outs = self._llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in prompts],
-            [_sampling_params(r) for r in reqs],
+            [_sampling_params(self._bench_eos(r)) for r in reqs],
             use_tqdm=False,
         )
         return [
@@ -282,7 +295,7 @@ def _llm_kwargs(spec: BackendSpec, path: str, on_cpu: bool) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "model": path,
         "tokenizer": spec.option("tokenizer"),
-        "enable_prefix_caching": True,
+        "enable_prefix_caching": bool(spec.option("enable_prefix_caching", True)),
         "max_model_len": int(spec.option("max_model_len", DEFAULT_MAX_MODEL_LEN)),
         "enforce_eager": bool(spec.option("enforce_eager", on_cpu)),
         "seed": int(spec.option("seed", 0)),

@@ -117,6 +117,8 @@ class WorkerStats:
     prompt_tokens: int
     cached_tokens: int
     output_tokens: int
+    engine_seconds: float
+    """Wall time spent inside the engine's ``generate``."""
     connections: int
     """Connections open now: one per (client, thread) that has called the worker."""
     pid: int
@@ -258,6 +260,7 @@ class _Counters:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     output_tokens: int = 0
+    engine_seconds: float = 0.0
     connections: int = 0
     last_seen: float = field(default_factory=time.monotonic)
 
@@ -322,7 +325,10 @@ class _Server:
         """
         batch = [r for job in group for r in job.args[0]]
         try:
+            started = time.perf_counter()
             out = self._engine.generate(batch)
+            with self._lock:
+                self._counters.engine_seconds += time.perf_counter() - started
             if len(out) != len(batch):
                 msg = f"engine returned {len(out)} responses for {len(batch)} requests"
                 raise BackendError(msg, backend=self._info.name)
@@ -450,7 +456,7 @@ class _Server:
                 model_loads=1, requests=c.requests, client_batches=c.client_batches,
                 engine_batches=c.engine_batches, prompt_tokens=c.prompt_tokens,
                 cached_tokens=c.cached_tokens, output_tokens=c.output_tokens,
-                connections=c.connections, pid=os.getpid(),
+                engine_seconds=c.engine_seconds, connections=c.connections, pid=os.getpid(),
                 uptime_s=time.monotonic() - self._started,
             )  # fmt: skip
 
