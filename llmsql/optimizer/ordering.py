@@ -9,25 +9,28 @@ works on integer codes only (numpy and Arrow kernels, no Python loop over rows),
 is near-linear in ``rows x fields``:
 
 1. **Encode.** Each field is dictionary-encoded; an *item* is a ``(field, value)`` pair and
-   weighs the length of its rendered line, ``len(f"{name}: {value}\\n")``.
-2. **Prefix tree, per row.** Level by level, over all nodes at once, every row picks its next
-   field among those it has left. The *anchor* is the item with the largest saving per member
-   inside the row's node, ``weight x (count - 1) / count``, so a long value shared by a few
-   rows beats a short one shared by many that would cut across them. Then an item constant
-   over the row's anchor group is *hoisted* in front of the anchor when that joins other
-   rows without splitting the group: a superset (a genre above its movies, a title above its
-   paragraphs) or another group's anchor (a duplicated row rejoining its beer). Rows holding
-   the same item form a child node. A row stops when nothing it has left is shared in its
-   node; its other fields follow one global order (most repeated characters first). Every row
-   follows its own data: a row whose evidence is shared more than its claim starts with it.
+   weighs the length of its rendered line, ``len(f"{name}: {value}\n")``. Identical rows are
+   collapsed into one with a multiplicity (their prompts are identical and end up adjacent).
+2. **Prefix trees, per row.** Level by level, over all nodes at once, every row picks its next
+   field among those it has left; rows that picked the same item form a child node. The
+   row's *anchor* item is chosen one of three ways (:data:`Mode`): the largest saving per
+   member of its group inside the node, ``weight x (count - 1) / count`` (a long value
+   shared by a few rows beats a short one shared by many that would cut across them); the
+   column saving most in the whole node; or GGR's hit count ``weight ** 2 x (count - 1)``.
+   Then an item constant over the row's anchor group is *hoisted* in front of the anchor
+   when that joins other rows without splitting the group: a superset (a genre above its
+   movies, a title above its paragraphs) or another group's anchor (a duplicated review
+   rejoining its beer). A row stops when nothing it has left is shared in its node; its other
+   fields follow one global order (most repeated characters first). So every row follows its
+   own data: a row whose evidence is shared more than its claim starts with the evidence.
 3. **Send order.** The rows sorted by their rendered item sequence: a depth-first walk of the
    tree, so every group of prompts that shares a prefix is contiguous and its blocks stay hot
    in an LRU cache of any size that holds two prompts.
-4. **Guard.** Three depth-first candidates (the tree; one global field order; the fields as
-   given) are scored exactly enough (whole blocks, partial matches of the next line
-   included) and the best is kept. The fields-as-given candidate is the table's own prompts,
-   sorted: for every block depth it reaches the most hits any order of those prompts can
-   reach, so the result is never below the table order.
+4. **Guard.** Five depth-first candidates (the three trees, one global field order, the
+   fields as given) are scored in whole blocks, partial matches of the next line included,
+   which for depth-first orders is what an LRU cache reuses; the best is kept. The last
+   candidate is the table's own prompts, sorted: for every block depth it reaches the most
+   hits any order of those prompts can reach, so the result is never below the table order.
 
 Invariant: the multiset of ``(row, field -> value)`` is unchanged; only the row order and each
 row's field order change. With ``fixed_fields=True`` every row keeps the given field order.
@@ -40,9 +43,8 @@ row's field order change. With ``fixed_fields=True`` every row keeps the given f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TypeAlias
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -52,9 +54,22 @@ from numpy.typing import NDArray
 
 from llmsql.errors import PlanError
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+# Over the ~500-line guideline (STYLE.md 7.1.6) on purpose: one rule's algorithm, encode ->
+# trees -> scoring, whose private helpers share the _Encoded/_Level layouts. The natural split,
+# if it grows, is the tree (_tree_perms and helpers) into its own module.
+
 __all__ = ["Column", "Ordering", "render", "repetition_bound", "solve"]
 
 IntArray: TypeAlias = NDArray[np.int64]
+Mode: TypeAlias = Literal["share", "node", "square"]
+"""How a tree row picks its anchor item: ``share``, the largest saving per member of its
+group, ``weight x (count - 1) / count`` (long values shared by few beat short ones shared by
+many); ``node``, the column saving most in the whole node, for all its rows (a node is never
+split between two independent columns); ``square``, GGR's hit count ``weight ** 2 x
+(count - 1)``, taken by each row at once instead of group by group."""
 BoolArray: TypeAlias = NDArray[np.bool_]
 Column: TypeAlias = "Sequence[str] | pa.Array | pa.ChunkedArray"
 
@@ -128,6 +143,8 @@ class _Encoded:
     rank: IntArray  # per item: rank of its rendered line in string order
     prefix: NDArray[np.uint8]  # per item: first UTF-8 bytes of its rendered line, 0-padded
     head: int  # len(instruction + "\n")
+    mult: IntArray  # (n,) how many identical table rows each row of ``items`` stands for
+    wide: BoolArray  # per item: its stored line prefix has non-ASCII bytes
 
     @property
     def n_items(self) -> int:
@@ -146,9 +163,10 @@ def _dictionary(column: Column) -> tuple[IntArray, pa.Array]:
 
 
 def _line_prefix(label: str, values: pa.Array, width: int) -> NDArray[np.uint8]:
-    """The first ``width`` UTF-8 bytes of ``f"{label}{value}\n"`` per value, 0-padded.
+    """The first ``width`` UTF-8 bytes of each value's rendered line, 0-padded.
 
-    Read straight from the Arrow buffers: no Python string per value.
+    The line is the label, the value and a newline. Made by Arrow kernels (append the
+    newline and the padding, cut to size): no Python string per value.
     """
     out = np.zeros((len(values), width), dtype=np.uint8)
     head = np.frombuffer(label.encode()[:width], dtype=np.uint8)
@@ -156,17 +174,13 @@ def _line_prefix(label: str, values: pa.Array, width: int) -> NDArray[np.uint8]:
     room = width - head.size
     if room <= 0 or not len(values):
         return out
-    raw = values.cast(pa.large_binary())
-    bounds = np.frombuffer(raw.buffers()[1], dtype=np.int64)[raw.offset : raw.offset + len(raw) + 1]
-    data = raw.buffers()[2]
-    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
-    starts, sizes = bounds[:-1], np.diff(bounds)
-    take = np.arange(room)[None, :] < sizes[:, None]
-    src = np.where(take, starts[:, None] + np.arange(room)[None, :], 0)
-    out[:, head.size :] = np.where(take, data[src] if data.size else 0, 0)
-    at = head.size + sizes
-    ends = np.nonzero(at < width)[0]
-    out[ends, at[ends]] = ord("\n")
+    binary = pa.large_binary()
+    tail = pa.scalar(b"\n" + bytes(room), type=binary)
+    padded = pc.binary_join_element_wise(values.cast(binary), tail, pa.scalar(b"", type=binary))
+    cut = pc.binary_slice(padded, 0, room)
+    bounds = np.frombuffer(cut.buffers()[1], dtype=np.int64)[cut.offset : cut.offset + len(cut) + 1]
+    data = np.frombuffer(cut.buffers()[2], dtype=np.uint8)[bounds[0] : bounds[-1]]
+    out[:, head.size :] = data.reshape(len(values), room)
     return out
 
 
@@ -198,7 +212,22 @@ def _encode(columns: Sequence[Column], names: Sequence[str], instruction: str,
     rank[np.argsort(key, kind="stable")] = np.arange(key.size)
     prefix = np.concatenate(prefixes) if prefixes else np.zeros((0, width), np.uint8)
     weight = np.concatenate(weights) if weights else np.zeros(0, np.int64)
-    return _Encoded(items, weight, rank, prefix, len(instruction) + 1)
+    wide = np.asarray((prefix >= 0x80).any(axis=1) if width else np.zeros(weight.size), bool)
+    return _Encoded(items, weight, rank, prefix, len(instruction) + 1, np.ones(n, np.int64),
+                    wide)
+
+
+def _dedupe(enc: _Encoded) -> tuple[_Encoded, IntArray]:
+    """Collapse identical rows into one with a multiplicity; also return each table row's
+    row in the result. Identical rows render identical prompts, which the tree keeps together
+    anyway, so the work is done once per distinct row."""
+    key = np.zeros(enc.items.shape[0], dtype=np.int64)
+    for j in range(enc.items.shape[1]):
+        key = _factorize(key * enc.n_items + enc.items[:, j])[0]
+    distinct = int(key.max()) + 1 if key.size else 0
+    first = np.full(distinct, -1, dtype=np.int64)
+    first[key[::-1]] = np.arange(key.size - 1, -1, -1)  # earliest table row of each
+    return replace(enc, items=enc.items[first], mult=np.bincount(key, minlength=distinct)), key
 
 
 def _factorize(keys: IntArray) -> tuple[IntArray, int]:
@@ -207,17 +236,26 @@ def _factorize(keys: IntArray) -> tuple[IntArray, int]:
     return codes.astype(np.int64, copy=False), len(uniques)
 
 
-def _count(keys: IntArray) -> tuple[IntArray, IntArray]:
-    """A code of each key (small non-negative ints) and how many times its key occurs."""
-    if keys.size and 0 <= keys.min() and keys.max() < 4 * keys.size:  # small keys: no hashing
-        return keys, np.bincount(keys)[keys]
-    codes, k = _factorize(keys)
-    return codes, np.bincount(codes, minlength=k)[codes]
+def _count(keys: IntArray, mult: IntArray) -> tuple[IntArray, IntArray]:
+    """A code of each key (small non-negative ints) and how many table rows hold its key
+    (``mult``: the rows each entry stands for)."""
+    if keys.size and keys.min() >= 0 and keys.max() < 4 * keys.size:  # small keys: no hashing
+        codes = keys
+    else:
+        codes = _factorize(keys)[0]
+    return codes, np.bincount(codes, weights=mult).astype(np.int64)[codes]
+
+
+def _item_counts(enc: _Encoded) -> IntArray:
+    """How many table rows hold each item."""
+    m = enc.items.shape[1]
+    return np.bincount(enc.items.ravel(), weights=np.repeat(enc.mult, m),
+                       minlength=enc.n_items).astype(np.int64)
 
 
 def _field_priority(enc: _Encoded) -> IntArray:
     """Fields ordered by the characters their repeated values could save, most first."""
-    counts = np.bincount(enc.items.ravel(), minlength=enc.n_items)
+    counts = _item_counts(enc)
     extra = enc.weight * np.maximum(counts - 1, 0)
     saved = [int(extra[np.unique(enc.items[:, j])].sum()) for j in range(enc.items.shape[1])]
     return np.array(sorted(range(len(saved)), key=lambda j: (-saved[j], j)), dtype=np.int64)
@@ -231,42 +269,53 @@ class _Level:
     """The rows of one tree level: their node, items and unused-and-repeated fields."""
 
     node: IntArray  # (k,)
+    mult: IntArray  # (k,) table rows each row stands for
     items: list[IntArray]  # per column (in priority order): item id, (k,)
     live: list[BoolArray]  # per column: unused and repeated somewhere in the table
     weight: list[IntArray]  # per column: item weight
     n_items: int
+    mode: Mode
 
     def keys(self, j: int) -> IntArray:
         """The ``(node, item)`` key of column ``j``."""
         return self.node * self.n_items + self.items[j]
 
 
-def _tree_perms(enc: _Encoded, priority: IntArray) -> IntArray:
+def _tree_perms(enc: _Encoded, priority: IntArray, mode: Mode = "share") -> IntArray:
     """Per-row field orders from the greedy prefix tree (module docstring, step 2).
 
     Returns ``perm`` with ``perm[i, d]`` = the field at position d of row i's prompt. Columns
-    are visited in ``priority`` order, so ties go to the globally better field.
+    are visited in ``priority`` order, so ties go to the globally better field. ``mode``
+    picks how a row's anchor is chosen (see :data:`Mode`).
     """
     n, m = enc.items.shape
-    repeats = np.bincount(enc.items.ravel(), minlength=enc.n_items) > 1
+    counts = _item_counts(enc)
+    repeats = counts > 1
     cols = [np.ascontiguousarray(enc.items[:, j]) for j in priority]
     perm = np.empty((n, m), dtype=np.int64)
     used = np.zeros(n, dtype=np.int64)  # bit j: column j (priority order) is placed
     node = np.zeros(n, dtype=np.int64)
     act = np.arange(n)
     for depth in range(m):
+        live = [((used[act] >> j) & 1 == 0) & repeats[c[act]] for j, c in enumerate(cols)]
+        some = np.logical_or.reduce(live) if m else np.zeros(act.size, dtype=bool)
+        _finish(perm, act[~some], used[act[~some]], depth, priority)  # nothing left to share
+        act, live = act[some], [lv[some] for lv in live]
         if act.size == 0:
             break
         items = [c[act] for c in cols]
-        live = [((used[act] >> j) & 1 == 0) & repeats[items[j]] for j in range(m)]
-        level = _Level(node[act], items, live, [enc.weight[i] for i in items], enc.n_items)
-        best, go = _choose(level)
+        weight = [enc.weight[i] for i in items]
+        level = _Level(node[act], enc.mult[act], items, live, weight, enc.n_items, mode)
+        best, go = _choose(level, counts if depth == 0 else None)
         _finish(perm, act[~go], used[act[~go]], depth, priority)
         act, best = act[go], best[go]
         perm[act, depth] = priority[best]
         used[act] |= np.left_shift(1, best)
         chosen = enc.items[act, priority[best]]
-        node[act] = _factorize(node[act] * enc.n_items + chosen)[0]
+        node[act], size = _count(node[act] * enc.n_items + chosen, enc.mult[act])
+        alone = size == 1  # a node of one table row shares nothing more
+        _finish(perm, act[alone], used[act[alone]], depth + 1, priority)
+        act = act[~alone]
     return perm
 
 
@@ -280,10 +329,10 @@ def _finish(perm: IntArray, rows: IntArray, used: IntArray, depth: int,
         pos[free] += 1
 
 
-def _argmax(values: list[NDArray[np.float64]]) -> tuple[IntArray, NDArray[np.float64]]:
+def _argmax(values: Sequence[NDArray[Any]]) -> tuple[IntArray, NDArray[np.float64]]:
     """Per row, the first column with the largest value, and that value."""
     best = np.zeros(values[0].size, dtype=np.int64)
-    top = values[0].copy()
+    top = values[0].astype(np.float64)
     for j in range(1, len(values)):
         better = values[j] > top
         best[better] = j
@@ -291,26 +340,72 @@ def _argmax(values: list[NDArray[np.float64]]) -> tuple[IntArray, NDArray[np.flo
     return best, top
 
 
-def _choose(lv: _Level) -> tuple[IntArray, BoolArray]:
+def _choose(lv: _Level, root: IntArray | None = None) -> tuple[IntArray, BoolArray]:
     """Each row's next column, and whether the row still shares anything in its node.
 
-    The anchor maximises ``weight x (count - 1) / count`` in the node, what each holder of the
-    item saves if all holders group on it; :func:`_hoist` may then put a constant item of the
-    anchor group in front of it.
+    The anchor is chosen as ``lv.mode`` says (:data:`Mode`; for ``node``, :func:`_agree`).
+    :func:`_hoist` then puts a constant item of an anchor group in front of its anchor.
+    ``root``: the table's item counts, given while every row is in the root node.
     """
     codes, counts = [], []
     for j, live in enumerate(lv.live):
         code = np.full(live.size, -1, dtype=np.int64)
         count = np.zeros(live.size, dtype=np.int64)
-        code[live], count[live] = _count(lv.keys(j)[live])
+        if root is None:
+            code[live], count[live] = _count(lv.keys(j)[live], lv.mult[live])
+        else:
+            code[live], count[live] = lv.items[j][live], root[lv.items[j][live]]
         codes.append(code)
         counts.append(count)
     share = [w * (c - 1) / np.maximum(c, 1) for w, c in zip(lv.weight, counts, strict=True)]
-    best, top = _argmax(share)
+    if lv.mode == "square":
+        best, top = _argmax([w * w * (c - 1.0) for w, c in zip(lv.weight, counts, strict=True)])
+    else:
+        best, top = _argmax(share)
     go = top > 0
     if go.any():
+        if lv.mode == "node":
+            best = _agree(lv, counts, share, best, go)
         best = _hoist(lv, codes, counts, best, go)
     return best, go
+
+
+def _groups(codes: list[IntArray], best: IntArray, go: BoolArray,
+            mult: IntArray) -> tuple[IntArray, IntArray, IntArray]:
+    """Anchor groups: per row its group id (-1 if none), the size (table rows) of every group
+    id, and where each column's ids start (``codes[j]``: dense ``(node, item)`` codes)."""
+    base = np.cumsum([0] + [int(c.max()) + 2 for c in codes])  # room for code -1
+    group = np.full(go.size, -1, dtype=np.int64)
+    for j, code in enumerate(codes):
+        mine = go & (best == j)
+        group[mine] = base[j] + code[mine]
+    size = np.bincount(group[go], weights=mult[go], minlength=base[-1]).astype(np.int64)
+    return group, size, base
+
+
+def _agree(lv: _Level, counts: list[IntArray], share: list[NDArray[np.float64]],
+           best: IntArray, go: BoolArray) -> IntArray:
+    """One column per node: the one saving most there, ``sum of weight x (count - 1)`` over
+    its items; rows whose item of that column is unshared keep their own anchor.
+
+    Per-row anchors can split a node between two columns of similar worth (two independent
+    long fields); the per-node tree, the other candidate, does not.
+    """
+    k = int(lv.node.max()) + 1
+    column, top = _argmax([np.bincount(lv.node, weights=sh * lv.mult, minlength=k)
+                           for sh in share])
+    col = column[lv.node]
+    take = (top[lv.node] > 0) & (_pick(counts, col) > 1) & go
+    return np.where(take, col, best)
+
+
+def _pick(arrays: list[IntArray], col: IntArray) -> IntArray:
+    """``arrays[col[i]][i]`` for every row i."""
+    out = np.zeros(col.size, dtype=np.int64)
+    for j, arr in enumerate(arrays):
+        mine = col == j
+        out[mine] = arr[mine]
+    return out
 
 
 def _hoist(lv: _Level, codes: list[IntArray], counts: list[IntArray], best: IntArray,
@@ -320,25 +415,31 @@ def _hoist(lv: _Level, codes: list[IntArray], counts: list[IntArray], best: IntA
     Inside the group nothing changes; outside, the group joins other rows holding the item.
     Preferred: an item whose holders in the node are all whole anchor groups (a superset;
     the one saving most, ``weight x (count - 1)``), else another group's anchor item (the
-    largest such group). ``codes[j]`` are dense ``(node, item)`` codes of column j (-1: not
-    live), so an anchor group is ``(best column, its code)``.
+    largest such group). Only nodes holding more than one group can gain.
     """
-    base = np.cumsum([0] + [int(c.max()) + 2 for c in codes])  # room for code -1
-    group = np.full(go.size, -1, dtype=np.int64)
-    for j, code in enumerate(codes):
-        mine = go & (best == j)
-        group[mine] = base[j] + code[mine]
-    size = np.bincount(group[go], minlength=base[-1])
-    order = np.argsort(group, kind="stable")[np.count_nonzero(~go) :]  # go rows by group
+    group, size, base = _groups(codes, best, go, lv.mult)
+    in_node = np.bincount(lv.node, weights=lv.mult)[lv.node]
+    idx = np.nonzero(go & (size[np.maximum(group, 0)] < in_node))[0]
+    if idx.size == 0:
+        return best
+    group = group[idx]
+    order = np.argsort(group, kind="stable")
     starts = np.flatnonzero(np.diff(group[order], prepend=-1))
     offers = []
     for j, code in enumerate(codes):
-        const = _constant(lv.items[j], lv.live[j], order, starts)
+        live = lv.live[j][idx]
+        if not live.any():
+            offers.append(np.zeros(idx.size))
+            continue
+        code = code[idx]
+        const = _constant(lv.items[j][idx], live, order, starts)
         anchored = size[base[j] : base[j + 1]][np.maximum(code, 0)] * (code >= 0)
-        offers.append(_offer(lv.weight[j], code, counts[j], const & go, size[group], anchored,
-                             best != j))
+        offers.append(_offer(lv.weight[j][idx], code, counts[j][idx], const, size[group],
+                             anchored, best[idx] != j))
     alt, top = _argmax(offers)
-    return np.where(top > 0, alt, best)
+    out = best.copy()
+    out[idx] = np.where(top > 0, alt, best[idx])
+    return out
 
 
 def _constant(items: IntArray, live: BoolArray, order: IntArray, starts: IntArray) -> BoolArray:
@@ -381,7 +482,8 @@ def _sequence(enc: _Encoded, perm: IntArray) -> IntArray:
     if perm.strides[0] == 0:  # one field order for every row (a broadcast view)
         return enc.items[:, perm[0]]
     flat = np.arange(n, dtype=np.int64)[:, None] * m + perm
-    return enc.items.ravel()[flat]
+    seq: IntArray = enc.items.ravel()[flat]
+    return seq
 
 
 def _dfs_rows(enc: _Encoded, seq: IntArray) -> IntArray:
@@ -398,33 +500,47 @@ def _dfs_rows(enc: _Encoded, seq: IntArray) -> IntArray:
         keys.append(key)
     if len(keys) == 1:
         return np.argsort(keys[0], kind="stable").astype(np.int64)
-    return np.lexsort(keys[::-1]).astype(np.int64)
+    rows: IntArray = np.lexsort(keys[::-1]).astype(np.int64)
+    return rows
 
 
-def _partial(enc: _Encoded, a: IntArray, b: IntArray, chunk: int = 1 << 15) -> IntArray:
+def _partial(enc: _Encoded, a: IntArray, b: IntArray) -> IntArray:
     """Common prefix, in characters, of the rendered lines of items ``a`` and ``b``.
 
-    Capped at the stored width (one block: enough to tell whether the next block boundary
-    is reached).
+    Capped at the stored width (at least one block: enough to tell whether the next block
+    boundary is reached). Compares 8 bytes at a time, the first 16 for every pair and the
+    rest only where those agree.
     """
-    out = np.empty(a.size, dtype=np.int64)
-    width = enc.prefix.shape[1]
-    for s in range(0, a.size, chunk):
-        pa_, pb = enc.prefix[a[s : s + chunk]], enc.prefix[b[s : s + chunk]]
-        eq = pa_ == pb
-        common = np.where(eq.all(axis=1), width, eq.argmin(axis=1))
-        out[s : s + chunk] = _utf8_chars(pa_, common)
-    return np.minimum(out, np.minimum(enc.weight[a], enc.weight[b]))
+    words = enc.prefix.view("<u8")
+    common = _common_bytes(words[:, :2], a, b)
+    more = np.nonzero(common == 16)[0]
+    if more.size and words.shape[1] > 2:
+        common[more] = 16 + _common_bytes(words[:, 2:], a[more], b[more])
+    out: IntArray = np.minimum(_utf8_chars(enc, a, common),
+                               np.minimum(enc.weight[a], enc.weight[b]))
+    return out
 
 
-def _utf8_chars(data: NDArray[np.uint8], nbytes: IntArray) -> IntArray:
-    """Characters wholly inside the first ``nbytes`` bytes of each UTF-8 row of ``data``."""
-    wide = np.nonzero((data >= 0x80).any(axis=1))[0]
+def _common_bytes(words: NDArray[np.uint64], a: IntArray, b: IntArray) -> IntArray:
+    """Leading bytes equal in rows ``a`` and ``b`` of ``words`` (little-endian 8-byte words)."""
+    wa, wb = words[a], words[b]
+    differ = wa != wb
+    first = differ.argmax(axis=1)
+    rows = np.arange(first.size)
+    x = wa[rows, first] ^ wb[rows, first]
+    low = (x & (~x + np.uint64(1))).astype(np.float64)  # lowest differing bit
+    byte = np.log2(np.maximum(low, 1.0)).astype(np.int64) // 8
+    return np.where(differ.any(axis=1), first * 8 + byte, 8 * words.shape[1])
+
+
+def _utf8_chars(enc: _Encoded, items: IntArray, nbytes: IntArray) -> IntArray:
+    """Characters wholly inside the first ``nbytes`` bytes of each item's stored line."""
+    wide = np.nonzero(enc.wide[items])[0]
     if wide.size == 0:
         return nbytes
     out = nbytes.copy()
-    rows = data[wide]
-    lead = np.pad((rows & 0xC0) != 0x80, ((0, 0), (0, 1)), constant_values=True)
+    data = enc.prefix[items[wide]]
+    lead = np.pad((data & 0xC0) != 0x80, ((0, 0), (0, 1)), constant_values=True)
     starts = np.concatenate([np.zeros((wide.size, 1), np.int64), np.cumsum(lead, axis=1)], 1)
     cut = nbytes[wide]
     # a character counts if its successor starts inside the common prefix (or right at it)
@@ -435,20 +551,28 @@ def _utf8_chars(data: NDArray[np.uint8], nbytes: IntArray) -> IntArray:
 def _lengths(enc: _Encoded, seq: IntArray) -> IntArray:
     """Prefix length in characters before each item, and of the whole prompt: (n, m + 1)."""
     cum = np.cumsum(enc.weight[seq], axis=1)
-    return enc.head + np.concatenate([np.zeros((seq.shape[0], 1), np.int64), cum], axis=1)
+    out: IntArray = enc.head + np.concatenate([np.zeros((len(seq), 1), np.int64), cum], axis=1)
+    return out
 
 
 def _reuse_adjacent(enc: _Encoded, seq: IntArray, block: int) -> int:
     """Characters a block cache reuses if each prompt's longest cached prefix is the one it
     shares with the previous prompt (true of depth-first orders, whose groups are contiguous,
-    in any LRU cache that holds two prompts). ``seq``: item ids in send order."""
+    in any LRU cache that holds two prompts). ``seq``: item ids of distinct rows in send
+    order; the copies of a row follow it and reuse all its whole blocks."""
     n, m = seq.shape
     lengths = _lengths(enc, seq)
     depth = np.cumprod(seq[1:] == seq[:-1], axis=1).sum(axis=1)
     reused = lengths[np.arange(1, n), depth]
     idx = np.nonzero(depth < m)[0]
     reused[idx] += _partial(enc, seq[idx + 1, depth[idx]], seq[idx, depth[idx]])
-    return int((np.minimum(reused, lengths[1:, -1]) // block * block).sum())
+    return int((np.minimum(reused, lengths[1:, -1]) // block * block).sum()) + _copies(
+        enc, lengths, block)
+
+
+def _copies(enc: _Encoded, lengths: IntArray, block: int) -> int:
+    """Whole-block characters reused by the extra copies of duplicated rows."""
+    return int(((enc.mult - 1) * (lengths[:, -1] // block * block)).sum())
 
 
 def _reuse_lru(enc: _Encoded, seq: IntArray, block: int, capacity: int) -> int:
@@ -476,7 +600,7 @@ def _reuse_lru(enc: _Encoded, seq: IntArray, block: int, capacity: int) -> int:
     idx = np.nonzero((depth >= 0) & (depth < m))[0]
     ref = last[idx, depth[idx]]
     reused[idx] += _partial(enc, seq[idx, depth[idx]], seq[ref, depth[idx]])
-    return int((np.minimum(reused // block, full) * block).sum())
+    return int((np.minimum(reused // block, full) * block).sum()) + _copies(enc, lengths, block)
 
 
 def _chain(lengths: IntArray, ok: BoolArray) -> tuple[IntArray, IntArray]:
@@ -561,23 +685,49 @@ def solve(
         PlanError: ``columns`` and ``names`` differ in number, or the columns in length.
     """
     _check(columns, names)
-    enc = _encode(columns, names, instruction, width=block)
+    enc = _encode(columns, names, instruction, width=-(-block // 8) * 8)
     n, m = enc.items.shape
     if n <= 1 or m == 0:
         return Ordering.table_order(n, m)
-    given = np.broadcast_to(np.arange(m, dtype=np.int64), (n, m))
+    priority = _field_priority(enc)
+    distinct, row_of = _dedupe(enc)
+    rows, perm = _best_candidate(distinct, priority, fixed_fields, block, capacity_blocks)
+    position = np.empty(rows.size, dtype=np.int64)
+    position[rows] = np.arange(rows.size)
+    sent = np.argsort(position[row_of], kind="stable")  # copies follow in table order
+    if perm.strides[0] == 0:
+        return _pack(sent, np.broadcast_to(perm[0], (n, m)))
+    return _pack(sent, perm[row_of])
+
+
+def _best_candidate(enc: _Encoded, priority: IntArray, fixed_fields: bool, block: int,
+                    capacity: int | None) -> tuple[IntArray, IntArray]:
+    """The best depth-first candidate over the distinct rows: ``(send order, field orders)``.
+
+    Candidates: the three trees (:data:`Mode`), one global field order, and the fields as
+    given (the only one when ``fixed_fields``); ties keep the earlier one.
+    """
+    k, m = enc.items.shape
+    given = np.broadcast_to(np.arange(m, dtype=np.int64), (k, m))
     perms = [given]
     if not fixed_fields:
-        priority = _field_priority(enc)
-        perms = [_tree_perms(enc, priority), np.broadcast_to(priority, (n, m)), given]
-    best, best_score = (np.arange(n), given), -1
-    for perm in perms:
+        perms = [
+            _tree_perms(enc, priority, "share"),
+            _tree_perms(enc, priority, "node"),
+            _tree_perms(enc, priority, "square"),
+            np.broadcast_to(priority, (k, m)),
+            given,
+        ]
+    best, best_score = (np.arange(k), given), -1
+    for i, perm in enumerate(perms):
+        if any(np.array_equal(perm, other) for other in perms[:i]):
+            continue  # the same candidate again
         seq = _sequence(enc, perm)
         rows = _dfs_rows(enc, seq)
-        score = _score(enc, seq[rows], block, capacity_blocks)
-        if score > best_score:  # ties keep the earlier candidate
+        score = _score(replace(enc, mult=enc.mult[rows]), seq[rows], block, capacity)
+        if score > best_score:
             best, best_score = (rows, perm), score
-    return _pack(*best)
+    return best
 
 
 def repetition_bound(
@@ -599,4 +749,4 @@ def repetition_bound(
     counts = np.bincount(enc.items.ravel(), minlength=enc.n_items)
     total = enc.head * n + int((enc.weight * counts).sum())
     saved = enc.head * (n - 1) + int((enc.weight * np.maximum(counts - 1, 0)).sum())
-    return saved / total
+    return float(saved / total)
