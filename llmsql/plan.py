@@ -108,6 +108,9 @@ class PromptBatch:
     """Per input row, an index into ``field_orders`` (None: the written order)."""
     batches: tuple[int, ...] = ()
     """Batch boundaries as positions in ``order`` (each batch ends before the next bound)."""
+    warmups: tuple[tuple[int, int], ...] = ()
+    """(row, characters): before the batch holding ``row`` is sent, its prompt's first
+    ``characters`` are sent alone (one output token, answer discarded) to warm the cache."""
     notes: tuple[str, ...] = ()
     """What each rule changed, for EXPLAIN."""
 

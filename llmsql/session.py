@@ -279,7 +279,7 @@ class Session:
     def _rule_ctx(self, backend: LLMBackend) -> RuleContext:
         caps = backend.capabilities
         concurrent = caps.prefix_caching and not caps.batch_prefix_sharing
-        size = self._batch_size or (256 if concurrent else 64)
+        size = self._batch_size or (2048 if concurrent else 64)
         return RuleContext(capabilities=caps, batch_size=size, reorder=self._optimize)
 
     # -- queries -----------------------------------------------------------------------------
@@ -472,7 +472,7 @@ def connect(
         database: a DuckDB database file, or ``:memory:``.
         progress: show a progress bar (None: when stderr is a terminal).
         optimize: reorder rows and fields for prefix-cache reuse.
-        batch_size: prompts handed to the backend at a time (default: 256 for engines that
+        batch_size: prompts handed to the backend at a time (default: 2048 for engines that
             run a batch's requests concurrently, such as vLLM; 64 otherwise).
         dry_run: answer with fixed valid answers and never load a model (cost estimation).
         engine: ``duckdb`` (embedded, default) or ``spark``.

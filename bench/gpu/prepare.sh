@@ -11,5 +11,6 @@ TOK=$(python3 -c 'from llmsql.models import resolve_model; print(resolve_model(N
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-  duckdb==2.0.0 "sqlglot==$(python3 -c 'import sqlglot; print(sqlglot.__version__)')"
+  duckdb==2.0.0 "sqlglot==$(python3 -c "import sqlglot; print(sqlglot.__version__)")" \
+  lm-format-enforcer==0.11.3 interegular==0.3.3  # vLLM 0.26 imports lmformatenforcer when validating structured outputs
 python3 bench/gpu/slices.py --out .gpudata "$@"

@@ -50,6 +50,8 @@ class Capabilities:
     max_model_len: int = 2048
     reports_cached_tokens: bool = False
     block_size: int = 16
+    cache_tokens: int | None = None
+    """Prefix-cache capacity in tokens, when the engine says."""
     batch_prefix_sharing: bool = False
     """A batch's shared prefix is computed once even when its requests arrive together (no
     cache warm-up needed)."""

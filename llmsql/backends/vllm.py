@@ -154,6 +154,7 @@ class VLLMEngine:
             max_model_len=config.model_config.max_model_len,
             reports_cached_tokens=True,
             block_size=config.cache_config.block_size,
+            cache_tokens=_cache_tokens(config),
         )
 
     def generate(self, batch: Sequence[Request], /) -> list[Response]:
@@ -270,6 +271,11 @@ def _request_errors() -> tuple[type[Exception], ...]:
     except ImportError:
         return (ValueError,)
     return (ValueError, VLLMClientError)
+
+
+def _cache_tokens(config: Any) -> int | None:
+    blocks = getattr(config.cache_config, "num_gpu_blocks", None)
+    return int(blocks) * int(config.cache_config.block_size) if blocks else None
 
 
 def _sampling_params(req: Request) -> SamplingParams:

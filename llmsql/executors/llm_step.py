@@ -73,6 +73,10 @@ class CallStats:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     output_tokens: int = 0
+    warmup_prompts: int = 0
+    """Shared prefixes sent alone to warm the prefix cache (``warm_prefixes``)."""
+    warmup_tokens: int = 0
+    """Prompt tokens those warm-ups computed (not cached)."""
     true_answers: int = 0
     """LLM_FILTER: distinct prompts answered TRUE (selectivity estimates use it)."""
     null_answers: int = 0
@@ -352,10 +356,11 @@ def _answer_prompts(
             f"were answered; {_kept(env, stats)}"
         ) from None
     except BudgetExceeded as exc:
+        kept = f"; {_kept(env, stats)}" if stats.sent else ""
         raise BudgetExceeded(
             f"{exc}. The query stopped in {call.where} with {len(values)} of {len(prompts)} "
-            f"prompts answered; {_kept(env, stats)}; raise the budget (SET llmsql.{exc.budget} "
-            "= ...) and run again to continue", budget=exc.budget, limit=exc.limit, used=exc.used,
+            f"prompts answered{kept}; raise the budget (SET llmsql.{exc.budget} = ...) and run "
+            "again to continue", budget=exc.budget, limit=exc.limit, used=exc.used,
         ) from None
     return values
 
@@ -378,6 +383,15 @@ def _signature(call: LLMCall, backend: LLMBackend) -> tuple[Any, ...]:
     """What makes two calls' answers interchangeable for equal field values."""
     return (backend.model_id(), call.kind, call.template.instruction, call.template.fields,
             call.options)
+
+
+def _warm_up(prefixes: list[str], backend: LLMBackend, stats: CallStats) -> None:
+    """Send shared prefixes alone (one output token, answers discarded) to warm the cache."""
+    if not prefixes:
+        return
+    out = backend.generate([Request(p, max_tokens=1) for p in prefixes])
+    stats.warmup_prompts += len(prefixes)
+    stats.warmup_tokens += sum(r.prompt_tokens - r.cached_tokens for r in out)
 
 
 def _chunks(bounds: Sequence[int], n: int, stepwise: bool) -> list[tuple[int, int]]:
@@ -432,11 +446,15 @@ def run_call(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table
         env.progress.start(len(prompts), call.where)
         t0 = time.perf_counter()
         bounds = _rebound(batch.batches, order, set(answers))
-        for lo, hi in _chunks(bounds, len(todo), call.stop_after is not None):
+        warm = dict(batch.warmups)
+        stepwise = call.stop_after is not None or bool(warm)
+        for lo, hi in _chunks(bounds, len(todo), stepwise):
             if call.stop_after is not None and _passed(batch, answers) >= call.stop_after:
                 stats.notes = (*stats.notes, f"LIMIT reached: stopped after {lo} of "
                                f"{len(todo)} prompts")
                 break
+            _warm_up([prompts[k][: warm[i]] for k, i in enumerate(todo[lo:hi], lo) if i in warm],
+                     backend, stats)
             answers.update(zip(todo[lo:hi], _answer_prompts(
                 call, prompts[lo:hi], [b - lo for b in bounds if lo <= b < hi], backend, env,
                 stats), strict=True))

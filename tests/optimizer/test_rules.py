@@ -70,15 +70,34 @@ def test_reorder_keeps_placeholder_field_order() -> None:
     assert {r.prompt(i) for i in range(3)} == {b.prompt(i) for i in range(3)}
 
 
-def test_warm_prefixes_sends_leaders_first_and_keeps_the_prompts() -> None:
+def test_warm_prefixes_warms_each_shared_prefix_once_and_keeps_the_order() -> None:
     ctx = RuleContext(capabilities=CONCURRENT, batch_size=64)
     r = reorder_prompts(dedup_prompts(movies(), ctx), ctx)
     w = warm_prefixes(r, ctx)
-    assert Counter(w.send_order()) == Counter(r.send_order())
-    first_wave = w.send_order()[: w.batches[1]]
-    leads = [w.prompt(i).splitlines()[1] for i in first_wave]
-    assert len(set(leads)) == len(leads)  # one leader per group
+    assert w.send_order() == r.send_order()
+    assert w.warmups
+    for row, chars in w.warmups:
+        prefix = w.prompt(row)[:chars]
+        sharing = [i for i in w.send_order() if w.prompt(i).startswith(prefix)]
+        assert len(sharing) >= 2  # a warm-up serves at least two prompts
+    edges = [*w.batches, len(w.send_order())]
+    assert all(hi - lo <= 64 for lo, hi in zip(edges, edges[1:]))
     assert "warm_prefixes" in w.notes[-1]
+
+
+def test_warm_prefixes_windows_fit_a_quarter_of_the_cache() -> None:
+    small = Capabilities(prefix_caching=True, block_size=16, cache_tokens=400)
+    ctx = RuleContext(capabilities=small, batch_size=1000)
+    w = warm_prefixes(reorder_prompts(dedup_prompts(movies(), ctx), ctx), ctx)
+    per_window: dict[int, list[int]] = {}
+    pos = {row: k for k, row in enumerate(w.send_order())}
+    for row, chars in w.warmups:
+        window = max(b for b in w.batches if b <= pos[row])
+        per_window.setdefault(window, []).append(chars)
+    assert len(w.batches) > 1
+    # a window warms at most a quarter of the cache (400 tokens ~ 1600 chars / 4), unless a
+    # single group's prefix alone is larger
+    assert all(sum(c) <= 400 or len(c) == 1 for c in per_window.values())
 
 
 def test_warm_prefixes_is_skipped_where_batches_share_prefixes() -> None:
