@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 from sqlglot import exp
@@ -245,7 +245,7 @@ class Session:
         if key not in self._lazy:
             self._lazy[key] = LazyBackend(self.spec(model), lambda: self.backend(model),
                                           self._result_cache())
-        return self._lazy[key]
+        return cast(LLMBackend, self._lazy[key])  # capabilities is a read-only property
 
     def _result_cache(self) -> ResultCache | None:
         """The persistent result cache, if this session uses one (opened on first use)."""
@@ -546,7 +546,7 @@ def _set_value(node: exp.Expression) -> Any:
     if isinstance(node, exp.Literal):
         return node.this if node.is_string else node.to_py()
     if isinstance(node, exp.Neg) and isinstance(node.this, exp.Literal):
-        return -node.this.to_py()
+        return -float(node.this.to_py())
     if isinstance(node, (exp.Column, exp.Identifier, exp.Var)):
         return node.name
     raise ConfigError(f"SET llmsql.*: cannot read the value {node.sql()!r}; use a literal")
@@ -571,4 +571,4 @@ def _configure_step_env(env: StepEnv, session: Session, meter: BudgetMeter) -> N
     """Give a live run the current settings: cache, error policy, budgets."""
     env.cache = session._result_cache()
     env.on_error = session._settings.on_error
-    env.budget = meter if meter.budget.active() else None
+    env.budget = meter if meter.budget.active() and not session._dry_run else None
