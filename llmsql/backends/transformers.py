@@ -228,6 +228,7 @@ class TransformersBackend:
             max_model_len=self._max_len,
             reports_cached_tokens=True,
             block_size=1,
+            batch_prefix_sharing=True,  # a batch's shared prefix is computed once
         )
         self._device, self._dtype_name = _pick_device(spec)
         self._model: PreTrainedModel | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -394,6 +395,17 @@ def _warm_up(prefixes: list[str], backend: LLMBackend, stats: CallStats) -> None
     stats.warmup_tokens += sum(r.prompt_tokens - r.cached_tokens for r in out)
 
 
+def _warm_up_async(prefixes: list[str], backend: LLMBackend,
+                   stats: CallStats) -> threading.Thread | None:
+    """:func:`_warm_up` in a thread, so it overlaps the batch being answered (an engine that
+    merges concurrent batches, like the llmsql worker, runs the warm-ups first)."""
+    if not prefixes:
+        return None
+    thread = threading.Thread(target=_warm_up, args=(prefixes, backend, stats), daemon=True)
+    thread.start()
+    return thread
+
+
 def _chunks(bounds: Sequence[int], n: int, stepwise: bool) -> list[tuple[int, int]]:
     """The whole range at once, or batch by batch when an early stop may cut it short."""
     if not stepwise:
@@ -448,16 +460,26 @@ def run_call(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table
         bounds = _rebound(batch.batches, order, set(answers))
         warm = dict(batch.warmups)
         stepwise = call.stop_after is not None or bool(warm)
-        for lo, hi in _chunks(bounds, len(todo), stepwise):
+        chunks = _chunks(bounds, len(todo), stepwise)
+
+        def warm_texts(lo: int, hi: int) -> list[str]:
+            return [prompts[k][: warm[i]] for k, i in enumerate(todo[lo:hi], lo) if i in warm]
+
+        if chunks:
+            _warm_up(warm_texts(*chunks[0]), backend, stats)
+        for n, (lo, hi) in enumerate(chunks):
             if call.stop_after is not None and _passed(batch, answers) >= call.stop_after:
                 stats.notes = (*stats.notes, f"LIMIT reached: stopped after {lo} of "
                                f"{len(todo)} prompts")
                 break
-            _warm_up([prompts[k][: warm[i]] for k, i in enumerate(todo[lo:hi], lo) if i in warm],
-                     backend, stats)
+            # pipelined: the next window's prefixes are warmed while this window runs
+            ahead = _warm_up_async(warm_texts(*chunks[n + 1]) if n + 1 < len(chunks) else [],
+                                   backend, stats)
             answers.update(zip(todo[lo:hi], _answer_prompts(
                 call, prompts[lo:hi], [b - lo for b in bounds if lo <= b < hi], backend, env,
                 stats), strict=True))
+            if ahead is not None:
+                ahead.join()
         stats.generate_seconds = time.perf_counter() - t0
         env.known.update((keys[i], answers[i]) for i in order if i in answers)
         stats.true_answers = sum(1 for i in order if answers.get(i) is True)
