@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -395,17 +394,6 @@ def _warm_up(prefixes: list[str], backend: LLMBackend, stats: CallStats) -> None
     stats.warmup_tokens += sum(r.prompt_tokens - r.cached_tokens for r in out)
 
 
-def _warm_up_async(prefixes: list[str], backend: LLMBackend,
-                   stats: CallStats) -> threading.Thread | None:
-    """:func:`_warm_up` in a thread, so it overlaps the batch being answered (an engine that
-    merges concurrent batches, like the llmsql worker, runs the warm-ups first)."""
-    if not prefixes:
-        return None
-    thread = threading.Thread(target=_warm_up, args=(prefixes, backend, stats), daemon=True)
-    thread.start()
-    return thread
-
-
 def _chunks(bounds: Sequence[int], n: int, stepwise: bool) -> list[tuple[int, int]]:
     """The whole range at once, or batch by batch when an early stop may cut it short."""
     if not stepwise:
@@ -465,21 +453,15 @@ def run_call(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table
         def warm_texts(lo: int, hi: int) -> list[str]:
             return [prompts[k][: warm[i]] for k, i in enumerate(todo[lo:hi], lo) if i in warm]
 
-        if chunks:
-            _warm_up(warm_texts(*chunks[0]), backend, stats)
-        for n, (lo, hi) in enumerate(chunks):
+        for lo, hi in chunks:
             if call.stop_after is not None and _passed(batch, answers) >= call.stop_after:
                 stats.notes = (*stats.notes, f"LIMIT reached: stopped after {lo} of "
                                f"{len(todo)} prompts")
                 break
-            # pipelined: the next window's prefixes are warmed while this window runs
-            ahead = _warm_up_async(warm_texts(*chunks[n + 1]) if n + 1 < len(chunks) else [],
-                                   backend, stats)
+            _warm_up(warm_texts(lo, hi), backend, stats)
             answers.update(zip(todo[lo:hi], _answer_prompts(
                 call, prompts[lo:hi], [b - lo for b in bounds if lo <= b < hi], backend, env,
                 stats), strict=True))
-            if ahead is not None:
-                ahead.join()
         stats.generate_seconds = time.perf_counter() - t0
         env.known.update((keys[i], answers[i]) for i in order if i in answers)
         stats.true_answers = sum(1 for i in order if answers.get(i) is True)
