@@ -1,4 +1,5 @@
-"""The ``llmsql`` command: ``run`` and ``explain`` (thin: builds a Session, prints results).
+"""The ``llmsql`` command: ``run``, ``explain`` and ``serve`` (thin: builds a Session or a
+server, prints results).
 
 Exit codes: 0 success, 1 an llmsql error (message on stderr, no traceback unless
 ``--debug``), 2 bad usage, 130 interrupted. No output file is written unless the query
@@ -12,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from llmsql.errors import ConfigError, LLMSQLError, QueryInterrupted
 
@@ -35,7 +37,25 @@ def _parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("explain", help="print the optimized plan without loading a model")
     _query_args(exp)
     exp.add_argument("--prompts", help="write every prompt, in send order, as JSONL to PATH")
+    _serve_args(sub.add_parser("serve", help="serve a local model over an OpenAI-compatible "
+                               "HTTP API (chat completions, completions, models)"))
     return ap
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", help="transformers or vllm (default: as llmsql run)")
+    p.add_argument("--model", help="local model folder (default: the embedded SmolLM2)")
+    p.add_argument("--served-model-name", help="the name clients ask for (default: --model "
+                   "or 'smollm2')")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port; 8000)")
+    p.add_argument("--max-batch", type=int, default=32, help="most requests per batch (32)")
+    p.add_argument("--request-log", metavar="PATH", help="append one JSON line per answer "
+                   "generated (request id, prompt SHA-256, tokens, times)")
+    p.add_argument("--api-key-env", metavar="NAME", help="require 'Authorization: Bearer "
+                   "$NAME' from clients")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="backend option, e.g. max_model_len=2048 (repeatable)")
 
 
 def _query_args(p: argparse.ArgumentParser) -> None:
@@ -49,6 +69,26 @@ def _query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-optimize", action="store_true", help="keep table order and field order")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="backend option, e.g. max_model_len=2048 (repeatable)")
+    p.add_argument("--base-url", help="openai backend: the server's API root, e.g. "
+                   "http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL)")
+    p.add_argument("--api-key-env", metavar="NAME", help="openai backend: the environment "
+                   "variable holding the API key (default: OPENAI_API_KEY)")
+    p.add_argument("--batch-size", type=int, help="prompts handed to the backend at a time")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--cache", metavar="PATH", help="the result cache file (default: "
+                       "$XDG_CACHE_HOME/llmsql/results.sqlite)")
+    cache.add_argument("--no-cache", action="store_true", help="neither read nor write the "
+                       "result cache")
+    p.add_argument("--on-error", choices=("null", "fail"), help="a prompt that fails for good "
+                   "gives NULL (default) or stops the query")
+    p.add_argument("--engine", choices=("duckdb", "spark"), default="duckdb",
+                   help="where the relational parts run (default: duckdb)")
+    p.add_argument("--master", metavar="URL", help="--engine spark: the Spark master, e.g. "
+                   "local[4], spark://host:7077, or sc://host:15002 for Spark Connect "
+                   "(default: the spark-submit settings)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
+                   help="an llmsql setting, as SET llmsql.NAME = VALUE, e.g. max_calls=1000, "
+                   "max_cost_usd=2.5 (repeatable)")
 
 
 def _query_text(args: argparse.Namespace) -> str:
@@ -70,12 +110,12 @@ def _tables(specs: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _options(specs: Sequence[str]) -> dict[str, object]:
+def _options(specs: Sequence[str], flag: str = "--option") -> dict[str, object]:
     opts: dict[str, object] = {}
     for spec in specs:
         key, sep, raw = spec.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--option {spec!r} must look like KEY=VALUE")
+            raise ConfigError(f"{flag} {spec!r} must look like KEY=VALUE")
         opts[key] = _scalar(raw)
     return opts
 
@@ -92,10 +132,26 @@ def _scalar(raw: str) -> object:
 def _session(args: argparse.Namespace, *, dry_run: bool = False, progress: bool | None = None):  # type: ignore[no-untyped-def]
     import llmsql
 
+    options: dict[str, Any] = dict(_options(args.option))
+    for key in ("base_url", "api_key_env"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    cache = False if args.no_cache else args.cache
+    if args.master is not None and args.engine != "spark":
+        raise ConfigError("--master needs --engine spark")
     con = llmsql.connect(backend=args.backend, model=args.model, dry_run=dry_run,
-                         progress=progress, optimize=not args.no_optimize, **_options(args.option))
-    for name, path in _tables(args.table):
-        con.register(name, path)
+                         progress=progress, optimize=not args.no_optimize,
+                         batch_size=args.batch_size, cache=cache,
+                         on_error=args.on_error or "null", engine=args.engine,
+                         spark=args.master, **options)
+    try:
+        for name, value in _options(args.settings, flag="--set").items():
+            con.set(name, value)
+        for name, path in _tables(args.table):
+            con.register(name, path)
+    except BaseException:
+        con.close()
+        raise
     return con
 
 
@@ -148,7 +204,52 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if nulls:
             print(f"note: {nulls} LLM answer(s) could not be used and are NULL "
                   "(run with --stats for details)", file=sys.stderr)
+        if args.stats:
+            for err in con.last_errors()[:5]:
+                print(f"  {err.where}: {err.kind}: {err.reason}", file=sys.stderr)
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from llmsql.backends import BackendSpec, default_backend_kind, get_backend
+    from llmsql.backends.openai_compat import Secret
+    from llmsql.server import LLMServer, ServeConfig
+
+    key = None
+    if args.api_key_env:
+        value = os.environ.get(args.api_key_env)
+        if not value:
+            raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is "
+                              "empty or unset; export the key clients must send")
+        key = Secret(value)
+    name = args.served_model_name or args.model or "smollm2"
+    config = ServeConfig(host=args.host, port=args.port, served_name=name,
+                         aliases=tuple(a for a in (args.model,) if a and a != name),
+                         max_batch=args.max_batch, request_log=args.request_log, api_key=key)
+    backend = get_backend(BackendSpec.make(args.backend or default_backend_kind(), args.model,
+                                           **_options(args.option)))
+    try:
+        server = LLMServer(backend, config)
+    except OSError as exc:
+        backend.close()
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}; pick "
+                          "another --port") from None
+    signal.signal(signal.SIGTERM, _interrupt)
+    print(f"llmsql: serving {name!r} at {server.url}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+        backend.close()
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
@@ -165,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``llmsql`` command."""
     args = _parser().parse_args(argv)
     try:
-        return _cmd_run(args) if args.command == "run" else _cmd_explain(args)
+        commands = {"run": _cmd_run, "explain": _cmd_explain, "serve": _cmd_serve}
+        return commands[args.command](args)
     except (QueryInterrupted, KeyboardInterrupt) as exc:
         print(f"llmsql: {exc or 'interrupted'}", file=sys.stderr)
         return 130
