@@ -24,6 +24,12 @@ def reorder_prompts(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
     if not ctx.reorder or len(reps) < 2:
         return batch
     template = batch.call.template
+    if not template.appended:
+        # every field is a placeholder: the order inside the prompt is the user's; sorting
+        # the prompts is a depth-first walk of their prefix trie (shared prefixes together)
+        order = tuple(sorted(reps, key=batch.prompt))
+        note = f"reorder_prompts: {len(order)} prompts sorted (fields fixed by placeholders)"
+        return dataclasses.replace(batch, order=order, notes=(*batch.notes, note))
     cols = [[batch.values[j][i] for i in reps] for j in template.appended]
     sol = solve(
         cols,

@@ -33,6 +33,8 @@ def warm_prefixes(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
     if not caps.prefix_caching or caps.batch_prefix_sharing:
         return batch
     order = batch.send_order()
+    if len(order) < 2:
+        return batch
     prompts = [batch.prompt(i) for i in order]
     starts = group_starts(prompts, min_shared=caps.block_size * CHARS_PER_TOKEN)
     ends = [*starts[1:], len(order)]

@@ -138,3 +138,13 @@ def test_every_rule_is_tested() -> None:
     text = Path(__file__).read_text()
     for rule in RULES:
         assert f"def test_{rule.__name__.split('_')[0]}" in text or rule.__name__ in text
+
+
+def test_all_placeholder_template_is_sorted_and_keeps_every_row() -> None:
+    b = batch_of([["y", "x", "x" * 90, "x" * 90], ["1", "2", "3", "4"]],
+                 instruction="Rate {f0} with {f1}")
+    ctx = RuleContext(capabilities=CONCURRENT)
+    out, _ = optimize(b, ctx)
+    sent = [out.prompt(i) for i in out.send_order()]
+    assert sorted(sent) == sent
+    assert sorted(sent) == sorted(b.prompt(i) for i in range(4))
