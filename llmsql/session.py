@@ -361,8 +361,9 @@ class Session:
         live: bool = False,
     ) -> Result:
         stats = QueryStats()
+        shippable = live and self._instance is None and not self._dry_run
         env = StepEnv(backend_for=backend_for, rule_ctx=self._rule_ctx, progress=progress,
-                      on_batch=on_batch)
+                      on_batch=on_batch, spec_for=self.spec if shippable else None)
         meter = BudgetMeter(self._settings.budget, self._price)
         table: pa.Table | None = None
         try:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from llmsql.backends.base import LLMBackend, Request, Response
+from llmsql.backends.base import BackendSpec, LLMBackend, Request, Response
 from llmsql.budget import BudgetMeter
 from llmsql.cache import ResultCache, reproducible, request_key
 from llmsql.errors import (
@@ -108,6 +108,9 @@ class StepEnv:
     known: dict[tuple[Any, ...], Any] = field(default_factory=dict)
     """Parsed answers by call signature and field values (any field order): an input
     answered once in a query (e.g. in a selectivity sample) is never sent again."""
+    spec_for: Callable[[str | None], BackendSpec] | None = None
+    """The spec a backend per model is built from, where the session may ship it to other
+    processes (Spark executors); None for a backend object or a dry run."""
     on_batch: Callable[[PromptBatch, tuple[int, ...]], None] | None = None
     """Called with each optimized batch and the rows about to be sent, in send order
     (rows answered earlier in the query are left out); EXPLAIN --prompts uses it."""

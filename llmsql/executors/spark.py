@@ -167,22 +167,9 @@ def _from_spark_error(exc: Exception, *, what: str, call: LLMCall | None = None)
 
 
 def shippable_spec(env: StepEnv, model: str | None) -> BackendSpec | None:
-    """The spec executors rebuild the session's backend from, or None when they cannot.
-
-    None for a backend object or a dry run: those answer on the driver. The session does
-    not hand its spec to executors yet; until ``StepEnv`` carries a ``spec_for`` callable,
-    the spec is read from the session that owns ``env.backend_for``.
-    """
-    spec_for = getattr(env, "spec_for", None)
-    if spec_for is not None:
-        spec: BackendSpec | None = spec_for(model)
-        return spec
-    session = getattr(env.backend_for, "__self__", None)
-    if session is None or not callable(getattr(session, "spec", None)):
-        return None
-    if getattr(session, "_instance", None) is not None or getattr(session, "_dry_run", True):
-        return None
-    return session.spec(model)  # type: ignore[no-any-return]
+    """The spec executors rebuild the session's backend from, or None when they cannot
+    (a backend object or a dry run: those answer on the driver)."""
+    return env.spec_for(model) if env.spec_for is not None else None
 
 
 # ---- statistics -----------------------------------------------------------------------------
