@@ -93,6 +93,8 @@ def _measured_lines(s: CallStats) -> list[str]:
         f", generation {s.generate_seconds:.3f}s, call total {s.seconds:.3f}s",
         *(f"    {s.null_answers} answers unparseable -> NULL" for _ in [0] if s.null_answers),
         *(f"    {s.failed} calls failed -> NULL" for _ in [0] if s.failed),
+        *(f"    {n} answered from the result cache" for n in [getattr(s, "from_cache", 0)] if n),
+        *(f"    NULL because {e.kind}: {e.reason}" for e in getattr(s, "errors", [])[:5]),
     ]
 
 
