@@ -20,4 +20,9 @@ $PY -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 export SPARK_LOCAL_IP=127.0.0.1
 export PYSPARK_PYTHON="$(command -v "$PY")" PYSPARK_DRIVER_PYTHON="$(command -v "$PY")"
 export TOKENIZERS_PARALLELISM=false
-exec "$PY" -m pytest "$@"
+# Slow tests (the 2,000-row fault run, the two-process model conversion) are opt-in:
+# bash scripts/test.sh -m slow
+case " $* " in
+  *" -m "*) exec "$PY" -m pytest "$@" ;;
+  *) exec "$PY" -m pytest -m "not slow" "$@" ;;
+esac
