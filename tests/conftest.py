@@ -16,6 +16,18 @@ DATASETS = SHARED / "datasets"
 SAMPLE = ROOT / "examples" / "data" / "squad_sample.parquet"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_result_cache(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Tests never read or write the user's result cache (a re-run would answer from it)."""
+    old = os.environ.get("LLMSQL_CACHE")
+    os.environ["LLMSQL_CACHE"] = str(tmp_path_factory.mktemp("llmsql-cache") / "results.sqlite")
+    yield
+    if old is None:
+        os.environ.pop("LLMSQL_CACHE", None)
+    else:
+        os.environ["LLMSQL_CACHE"] = old
+
+
 @pytest.fixture
 def reviews() -> pd.DataFrame:
     """A small table with repeated movie fields, a join key and NULLs."""
