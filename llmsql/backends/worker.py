@@ -57,7 +57,7 @@ from llmsql.backends.base import BackendSpec, Capabilities, LLMBackend, Request,
 from llmsql.errors import BackendError, ConfigError, LLMSQLError, UnsupportedError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -611,7 +611,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def _file_lock(path: str, timeout: float) -> Iterator[None]:
+def file_lock(path: str, timeout: float, fail: Callable[[], Exception]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created 0600); raise ``fail()`` after
+    ``timeout`` seconds of waiting."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         deadline = time.monotonic() + timeout
@@ -621,16 +623,23 @@ def _file_lock(path: str, timeout: float) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    msg = (
-                        f"timed out after {timeout:.0f} s waiting for the worker start lock "
-                        f"{path}; another process is starting a worker (log: "
-                        f"{_log_path(path.removesuffix('.lock') + '.sock')})"
-                    )
-                    raise BackendError(msg, backend="worker") from None
+                    raise fail() from None
                 time.sleep(0.05)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _file_lock(path: str, timeout: float) -> contextlib.AbstractContextManager[None]:
+    def fail() -> BackendError:
+        msg = (
+            f"timed out after {timeout:.0f} s waiting for the worker start lock {path}; "
+            "another process is starting a worker (log: "
+            f"{_log_path(path.removesuffix('.lock') + '.sock')})"
+        )
+        return BackendError(msg, backend="worker")
+
+    return file_lock(path, timeout, fail)
 
 
 def _connect(path: str) -> socket.socket | None:

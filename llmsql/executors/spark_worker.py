@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -54,6 +53,7 @@ from llmsql.backends.worker import (
     DEFAULT_STARTUP_TIMEOUT,
     WorkerClient,
     connect_or_start,
+    file_lock,
     private_dir,
     spec_digest,
 )
@@ -159,23 +159,11 @@ def _socket_alive(path: str) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _flock(path: str, timeout: float) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    msg = f"timed out waiting for the keeper lock {path}"
-                    raise BackendError(msg, backend="spark") from None
-                time.sleep(0.05)
-        yield
-    finally:
-        os.close(fd)
+def _flock(path: str, timeout: float) -> contextlib.AbstractContextManager[None]:
+    def fail() -> BackendError:
+        return BackendError(f"timed out waiting for the keeper lock {path}", backend="spark")
+
+    return file_lock(path, timeout, fail)
 
 
 def _log_tail(path: str, chars: int = 3000) -> str:
