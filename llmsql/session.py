@@ -164,6 +164,7 @@ class Session:
         database: str = ":memory:",
         progress: bool | None = None,
         optimize: bool = True,
+        warm_prefixes: bool = True,
         batch_size: int | None = None,
         dry_run: bool = False,
         backend_options: dict[str, Any] | None = None,
@@ -187,6 +188,7 @@ class Session:
         self._options = dict(backend_options or {})
         self._progress_flag = progress
         self._optimize = optimize
+        self._warm = warm_prefixes
         self._batch_size = batch_size
         self._dry_run = dry_run
         self._backends: dict[str | None, LLMBackend] = {}
@@ -283,7 +285,8 @@ class Session:
         caps = backend.capabilities
         concurrent = caps.prefix_caching and not caps.batch_prefix_sharing
         size = self._batch_size or (2048 if concurrent else 64)
-        return RuleContext(capabilities=caps, batch_size=size, reorder=self._optimize)
+        return RuleContext(capabilities=caps, batch_size=size, reorder=self._optimize,
+                           warm=self._warm)
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -456,6 +459,7 @@ def connect(
     database: str = ":memory:",
     progress: bool | None = None,
     optimize: bool = True,
+    warm_prefixes: bool = True,
     batch_size: int | None = None,
     dry_run: bool = False,
     engine: str = "duckdb",
@@ -476,6 +480,8 @@ def connect(
         database: a DuckDB database file, or ``:memory:``.
         progress: show a progress bar (None: when stderr is a terminal).
         optimize: reorder rows and fields for prefix-cache reuse.
+        warm_prefixes: on engines that run requests concurrently, send each shared prefix
+            alone before its group (the ``warm_prefixes`` rule).
         batch_size: prompts handed to the backend at a time (default: 2048 for engines that
             run a batch's requests concurrently, such as vLLM; 64 otherwise).
         dry_run: answer with fixed valid answers and never load a model (cost estimation).
@@ -499,7 +505,8 @@ def connect(
         ConfigError: an unknown backend or a bad setting.
     """
     return Session(backend=backend, model=model, database=database, progress=progress,
-                   optimize=optimize, batch_size=batch_size, dry_run=dry_run,
+                   optimize=optimize, warm_prefixes=warm_prefixes, batch_size=batch_size,
+                   dry_run=dry_run,
                    backend_options=backend_options, engine=engine, spark=spark,
                    cache=cache, on_error=on_error, budget=budget, prices=prices)
 

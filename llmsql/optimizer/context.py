@@ -16,5 +16,7 @@ class RuleContext:
     """Prompts per batch handed to the backend."""
     reorder: bool = True
     """Whether row/field reordering may run (off: table order, written field order)."""
+    warm: bool = True
+    """Whether ``warm_prefixes`` may send shared prefixes ahead of their groups."""
     cache_blocks: int | None = None
     """Prefix-cache capacity in blocks, when known."""

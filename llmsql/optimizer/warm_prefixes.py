@@ -30,7 +30,7 @@ CHARS_PER_TOKEN = 4
 def warm_prefixes(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
     """Windows of whole groups, each with one warm-up per shared prefix."""
     caps = ctx.capabilities
-    if not caps.prefix_caching or caps.batch_prefix_sharing:
+    if not ctx.warm or not caps.prefix_caching or caps.batch_prefix_sharing:
         return batch
     order = batch.send_order()
     if len(order) < 2:
