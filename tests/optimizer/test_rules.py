@@ -148,3 +148,9 @@ def test_all_placeholder_template_is_sorted_and_keeps_every_row() -> None:
     sent = [out.prompt(i) for i in out.send_order()]
     assert sorted(sent) == sent
     assert sorted(sent) == sorted(b.prompt(i) for i in range(4))
+
+
+def test_warm_prefixes_can_be_switched_off() -> None:
+    ctx = RuleContext(capabilities=CONCURRENT, warm=False)
+    r = reorder_prompts(dedup_prompts(movies(), ctx), ctx)
+    assert warm_prefixes(r, ctx) is r
