@@ -17,7 +17,7 @@ from llmsql.plan import PromptBatch, QueryPlan
 from llmsql.udfs import REGISTRY
 from llmsql.udfs.base import CallKind
 
-SAMPLE_FOR_TOKENIZER = 2000
+SAMPLE_FOR_TOKENIZER = 500
 
 
 @dataclass(frozen=True, slots=True)

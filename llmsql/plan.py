@@ -8,6 +8,7 @@ reads answers from those lookups, so the engine never calls a model itself.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from sqlglot import exp
@@ -113,6 +114,16 @@ class PromptBatch:
     ``characters`` are sent alone (one output token, answer discarded) to warm the cache."""
     notes: tuple[str, ...] = ()
     """What each rule changed, for EXPLAIN."""
+    rendered: tuple[str, ...] | None = None
+    """Every row's prompt under the chosen field orders, once a rule rendered them (a
+    rule that changes field orders must leave this None)."""
+
+    def with_rendered(self) -> PromptBatch:
+        """This batch with every row's prompt rendered once (rules after reordering use it)."""
+        if self.rendered is not None:
+            return self
+        return dataclasses.replace(self, rendered=tuple(self._render(i)
+                                                        for i in range(self.n_rows)))
 
     def send_order(self) -> tuple[int, ...]:
         """Rows to send, in order (all representatives when no rule chose an order)."""
@@ -130,5 +141,10 @@ class PromptBatch:
 
     def prompt(self, row: int) -> str:
         """The rendered prompt of ``row`` under the chosen field order."""
+        if self.rendered is not None:
+            return self.rendered[row]
+        return self._render(row)
+
+    def _render(self, row: int) -> str:
         vals = [col[row] for col in self.values]
         return self.call.template.render(vals, self.field_order_of(row))

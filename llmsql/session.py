@@ -189,6 +189,7 @@ class Session:
         self._progress_flag = progress
         self._optimize = optimize
         self._warm = warm_prefixes
+        self._counters: dict[str | None, Callable[[str], int] | None] = {}
         self._batch_size = batch_size
         self._dry_run = dry_run
         self._backends: dict[str | None, LLMBackend] = {}
@@ -351,7 +352,10 @@ class Session:
         """The model's tokenizer, if it is on disk already (never converts or downloads)."""
         from llmsql.models import local_tokenizer_counter
 
-        return local_tokenizer_counter(model or self._model)
+        key = model or self._model
+        if key not in self._counters:
+            self._counters[key] = local_tokenizer_counter(key)
+        return self._counters[key]
 
     def _run(
         self,

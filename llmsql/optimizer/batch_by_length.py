@@ -26,6 +26,8 @@ def batch_by_length(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
     """Batches of at most ``ctx.batch_size`` prompts, cut at group boundaries when possible."""
     order = batch.send_order()
     n, size = len(order), max(1, ctx.batch_size)
+    if n > size:
+        batch = batch.with_rendered()
     waves = list(batch.batches) or [0]
     prompts = [batch.prompt(i) for i in order] if n > size else []
     starts = set(group_starts(prompts, min_shared=ctx.capabilities.block_size * 4))

@@ -14,7 +14,6 @@ tokenizer is needed; the hit share is then applied to the real (or estimated) to
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,14 +66,12 @@ def simulate_prefix_cache(
     prompts: Sequence[str], *, block_chars: int, capacity_blocks: int
 ) -> list[int]:
     """Characters of each prompt served from an LRU prefix cache, in send order."""
-    lru: OrderedDict[bytes, None] = OrderedDict()
+    lru: OrderedDict[int, None] = OrderedDict()
     hits: list[int] = []
     for prompt in prompts:
-        h = hashlib.blake2b(digest_size=16)
         hit, reused = True, 0
-        for start in range(0, len(prompt) - len(prompt) % block_chars, block_chars):
-            h.update(prompt[start : start + block_chars].encode())
-            key = h.digest()
+        for end in range(block_chars, len(prompt) + 1, block_chars):
+            key = hash(prompt[:end])  # a block's identity is its whole prefix, as in vLLM
             if hit and key in lru:
                 lru.move_to_end(key)
                 reused += block_chars

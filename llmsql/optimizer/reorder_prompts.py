@@ -29,7 +29,8 @@ def reorder_prompts(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
         # the prompts is a depth-first walk of their prefix trie (shared prefixes together)
         order = tuple(sorted(reps, key=batch.prompt))
         note = f"reorder_prompts: {len(order)} prompts sorted (fields fixed by placeholders)"
-        return dataclasses.replace(batch, order=order, notes=(*batch.notes, note))
+        return dataclasses.replace(batch, order=order, notes=(*batch.notes, note),
+                                   rendered=None)
     cols = [[batch.values[j][i] for i in reps] for j in template.appended]
     sol = solve(
         cols,
@@ -52,5 +53,5 @@ def reorder_prompts(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
     )
     return dataclasses.replace(
         batch, order=order, field_orders=field_orders, row_field_order=tuple(per_row),
-        notes=(*batch.notes, note),
+        notes=(*batch.notes, note), rendered=None,
     )

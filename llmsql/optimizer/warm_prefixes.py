@@ -35,11 +35,12 @@ def warm_prefixes(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
     order = batch.send_order()
     if len(order) < 2:
         return batch
+    batch = batch.with_rendered()
     prompts = [batch.prompt(i) for i in order]
     starts = group_starts(prompts, min_shared=caps.block_size * CHARS_PER_TOKEN)
     ends = [*starts[1:], len(order)]
     if all(b - a == 1 for a, b in zip(starts, ends, strict=True)):
-        return batch
+        return batch  # (with its prompts rendered: later rules and the executor reuse them)
     budget = (caps.cache_tokens or 1 << 62) // 4 * CHARS_PER_TOKEN
     bounds: list[int] = []
     warmups: list[tuple[int, int]] = []
