@@ -230,6 +230,7 @@ def _merge_batches(items: Sequence[tuple[PromptBatch, tuple[int, ...]]],
     bounds: list[int] = []
     orders: list[tuple[int, ...]] = []
     per_row: list[int] = []
+    warm: list[tuple[int, int]] = []
     offset = 0
     for b, rows in items:
         fos = b.field_orders if b.row_field_order is not None else (written,)
@@ -240,10 +241,12 @@ def _merge_batches(items: Sequence[tuple[PromptBatch, tuple[int, ...]]],
         rep += [offset + r for r in (b.rep or range(b.n_rows))]
         order += [offset + i for i in b.send_order()]
         sent += [offset + i for i in rows]
+        warm += [(offset + r, chars) for r, chars in b.warmups]
         offset += b.n_rows
     merged = dataclasses.replace(
         first, values=values, n_rows=offset, rep=tuple(rep), order=tuple(order),
-        field_orders=tuple(orders), row_field_order=tuple(per_row), batches=tuple(bounds))
+        field_orders=tuple(orders), row_field_order=tuple(per_row), batches=tuple(bounds),
+        warmups=tuple(warm), rendered=None)
     return merged, tuple(sent)
 
 
