@@ -51,6 +51,14 @@ def dry(reviews: pd.DataFrame):  # type: ignore[no-untyped-def]
     con.close()
 
 
+@pytest.fixture
+def rule():  # type: ignore[no-untyped-def]
+    """The deterministic answer function of tests/answers.py, fresh per test."""
+    from tests.answers import RuleBackend
+
+    return RuleBackend()
+
+
 @pytest.fixture(scope="session")
 def model_session():  # type: ignore[no-untyped-def]
     """One real transformers session on the embedded SmolLM2 model for the whole test run."""

@@ -35,11 +35,6 @@ def shell():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def rule() -> RuleBackend:
-    return RuleBackend()
-
-
-@pytest.fixture
 def con(rule: RuleBackend, reviews: pd.DataFrame, shell: InteractiveShell):  # type: ignore[no-untyped-def]
     s = llmsql.connect(backend=rule, progress=False)
     s.register("reviews", reviews)

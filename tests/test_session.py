@@ -16,11 +16,6 @@ from tests.answers import RuleBackend
 
 
 @pytest.fixture
-def rule() -> RuleBackend:
-    return RuleBackend()
-
-
-@pytest.fixture
 def con(rule: RuleBackend, reviews: pd.DataFrame):  # type: ignore[no-untyped-def]
     s = llmsql.connect(backend=rule, progress=False)
     s.register("reviews", reviews)
