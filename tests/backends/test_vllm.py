@@ -81,6 +81,54 @@ def test_constrained_choice(vllm_backend: VLLMBackend) -> None:
 
 
 @pytest.mark.vllm
+def test_choices_with_distinct_first_tokens_take_one_step(vllm_backend: VLLMBackend) -> None:
+    reqs = [Request(f"Is {n} an even number? Answer Yes or No.", choices=("Yes", "No"))
+            for n in range(6)]
+    # "very good" / "very bad" share their first token: structured decoding decides them
+    shared = Request("Rate 'I loved it': very good or very bad.",
+                     choices=("very good", "very bad"), max_tokens=8)
+    out = vllm_backend.generate([*reqs, shared])
+    assert all(r.text in ("Yes", "No") and r.output_tokens == 1 for r in out[:-1])
+    assert out[-1].text in shared.choices and out[-1].output_tokens >= 2  # type: ignore[operator]
+
+
+@pytest.mark.vllm
+def test_first_token_choices_agree_with_structured_decoding(
+    vllm_spec: BackendSpec, vllm_backend: VLLMBackend, tmp_path: Path
+) -> None:
+    """The one-step decoding answers as vLLM's structured outputs do (greedy, SmolLM2)."""
+    questions = [f"Is {a} plus {b} equal to {a + b + (i % 3 == 0)}? Answer Yes or No."
+                 for i, (a, b) in enumerate((i, 2 * i + 1) for i in range(20))]
+    labels = ("animal", "plant", "mineral")
+    things = ["a cat", "an oak tree", "quartz", "a dog", "a rose", "granite", "a horse",
+              "moss", "salt", "an eagle"]
+    reqs = [Request(q, choices=("Yes", "No")) for q in questions] + [
+        Request(f"Is {t} an animal, a plant or a mineral?", choices=labels) for t in things]
+    fast = vllm_backend.generate(reqs)
+    options = {k: v for k, v in vllm_spec.options if k != "socket_path"}
+    spec = BackendSpec.make("vllm", None, socket_path=str(tmp_path / "s.sock"),
+                            choice_decoding="structured", log_stats=True, **options)
+    structured = VLLMBackend(spec)
+    try:
+        slow = structured.generate(reqs)
+        metrics = structured.metrics()
+    finally:
+        structured.close()
+    agree = sum(a.text == b.text for a, b in zip(fast, slow, strict=True))
+    assert agree >= 0.85 * len(reqs), [(a.text, b.text) for a, b in zip(fast, slow, strict=True)]
+    assert sum(r.output_tokens for r in slow) > sum(r.output_tokens for r in fast) == len(reqs)
+    # log_stats keeps vLLM's counters: engine steps and the tokens they ran
+    assert metrics["iteration_tokens_total_count"] >= 2
+    assert metrics["generation_tokens"] == sum(r.output_tokens for r in slow)
+    assert vllm_backend.metrics() == {}  # no log_stats: nothing kept
+
+
+def test_choice_decoding_option_is_checked() -> None:
+    with pytest.raises(ConfigError, match="choice_decoding='fast'"):
+        VLLMBackend(BackendSpec.make("vllm", None, choice_decoding="fast"))
+
+
+@pytest.mark.vllm
 def test_json_schema(vllm_backend: VLLMBackend) -> None:
     schema = {
         "type": "object",
