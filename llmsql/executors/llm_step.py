@@ -251,9 +251,13 @@ def _generate(backend: LLMBackend, reqs: list[Request]) -> list[Response]:
 def _send(
     reqs: list[Request], keys: list[tuple[Any, ...]], hits: dict[int, Response],
     backend: LLMBackend, env: StepEnv, stats: CallStats, model: str | None,
+    warmups: Sequence[str] = (),
 ) -> list[Response]:
     """Answer ``reqs``: from the query's memo, then the result cache (``hits``), then the
-    backend, in parts that fit the budget; each part is committed to the cache at once."""
+    backend, in parts that fit the budget; each part is committed to the cache at once.
+
+    ``warmups`` (the next window's shared prefixes) ride along at the end of the last part
+    sent, so the engine computes them while this part decodes (sent alone if nothing is)."""
     out: list[Response | None] = [env.memo.get(k) for k in keys]
     stats.reused += sum(r is not None for r in out)
     for i, resp in hits.items():
@@ -267,7 +271,11 @@ def _send(
             assert env.budget is not None
             raise env.budget.blocked(model, reqs[todo[0]])
         part, todo = todo[:n], todo[n:]
-        answers = _generate(backend, [reqs[i] for i in part])
+        extra = [] if todo else _warmup_requests(warmups)
+        answers = _generate(backend, [reqs[i] for i in part] + extra)
+        if extra:
+            _count_warmups(answers[len(part):], stats)
+            answers, warmups = answers[:len(part)], ()
         if env.budget is not None:
             env.budget.record(model, answers)
         _commit([reqs[i] for i in part], answers, backend, env)
@@ -279,6 +287,8 @@ def _send(
             stats.prompt_tokens += resp.prompt_tokens
             stats.cached_tokens += resp.cached_tokens
             stats.output_tokens += resp.output_tokens
+    if warmups:
+        _warm_up(list(warmups), backend, stats)
     return [r for r in out if r is not None]
 
 
@@ -329,7 +339,7 @@ def _to_send(reqs: list[Request], keys: list[tuple[Any, ...]], hits: dict[int, R
 
 def _answer_prompts(
     call: LLMCall, prompts: list[str], bounds: Sequence[int], backend: LLMBackend,
-    env: StepEnv, stats: CallStats,
+    env: StepEnv, stats: CallStats, warmups: Sequence[str] = (),
 ) -> list[Any]:
     """Send prompts batch by batch (``bounds``: batch starts), return parsed values.
 
@@ -348,7 +358,7 @@ def _answer_prompts(
         for lo, hi in zip(edges, edges[1:], strict=False):
             part = {i - lo: r for i, r in hits.items() if lo <= i < hi}
             resps = _send(reqs[lo:hi], keys[lo:hi], part, backend, env, stats,
-                          call.options.model)
+                          call.options.model, warmups if hi == len(prompts) else ())
             values += [_parse(call, r, p, env, stats)
                        for r, p in zip(resps, prompts[lo:hi], strict=True)]
             env.progress.advance(hi - lo, sum(r.prompt_tokens + r.output_tokens for r in resps),
@@ -359,6 +369,8 @@ def _answer_prompts(
             f"were answered; {_kept(env, stats)}"
         ) from None
     except BudgetExceeded as exc:
+        if env.budget is not None and env.budget.scope is not None:
+            raise  # a share of the query's budget: the driver tells the whole story
         kept = f"; {_kept(env, stats)}" if stats.sent else ""
         raise BudgetExceeded(
             f"{exc}. The query stopped in {call.where} with {len(values)} of {len(prompts)} "
@@ -384,17 +396,47 @@ def result_type(call: LLMCall) -> pa.DataType:
 
 def _signature(call: LLMCall, backend: LLMBackend) -> tuple[Any, ...]:
     """What makes two calls' answers interchangeable for equal field values."""
-    return (backend.model_id(), call.kind, call.template.instruction, call.template.fields,
-            call.options)
+    return (backend.model_id(), *signature_tail(call))
+
+
+def signature_tail(call: LLMCall) -> tuple[Any, ...]:
+    """The part of a call's answer signature that the plan alone gives (all but the model
+    identity; within one query, equal tails mean equal models, since options name it)."""
+    return (call.kind, call.template.instruction, call.template.fields, call.options)
+
+
+KnownAnswers = tuple[tuple[tuple[str, ...], Any], ...]
+"""Answers already obtained for one call's signature: (rendered field values, parsed answer)."""
+
+
+def known_answers(call: LLMCall, known: dict[tuple[Any, ...], Any], /) -> KnownAnswers:
+    """The entries of ``known`` that can answer ``call`` (to ship them to other processes)."""
+    tail = signature_tail(call)
+    return tuple((values, answer) for (sig, values), answer in known.items()
+                 if tuple(sig[1:]) == tail)
+
+
+def remember(call: LLMCall, model_id: str, entries: KnownAnswers,
+             known: dict[tuple[Any, ...], Any], /) -> None:
+    """Add answers of ``call`` obtained elsewhere (a Spark task) to ``known``."""
+    signature = (model_id, *signature_tail(call))
+    known.update(((signature, values), answer) for values, answer in entries)
+
+
+def _warmup_requests(prefixes: Sequence[str]) -> list[Request]:
+    """Shared prefixes as requests of one output token (answers discarded)."""
+    return [Request(p, max_tokens=1) for p in prefixes]
+
+
+def _count_warmups(out: Sequence[Response], stats: CallStats) -> None:
+    stats.warmup_prompts += len(out)
+    stats.warmup_tokens += sum(r.prompt_tokens - r.cached_tokens for r in out)
 
 
 def _warm_up(prefixes: list[str], backend: LLMBackend, stats: CallStats) -> None:
-    """Send shared prefixes alone (one output token, answers discarded) to warm the cache."""
-    if not prefixes:
-        return
-    out = backend.generate([Request(p, max_tokens=1) for p in prefixes])
-    stats.warmup_prompts += len(prefixes)
-    stats.warmup_tokens += sum(r.prompt_tokens - r.cached_tokens for r in out)
+    """Send shared prefixes alone to warm the cache."""
+    if prefixes:
+        _count_warmups(backend.generate(_warmup_requests(prefixes)), stats)
 
 
 def _chunks(bounds: Sequence[int], n: int, stepwise: bool) -> list[tuple[int, int]]:
@@ -456,15 +498,19 @@ def run_call(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table
         def warm_texts(lo: int, hi: int) -> list[str]:
             return [prompts[k][: warm[i]] for k, i in enumerate(todo[lo:hi], lo) if i in warm]
 
-        for lo, hi in chunks:
+        # the first window's prefixes are warmed alone; every later window's ride along
+        # with the previous window's last engine call (computed while it decodes)
+        if chunks:
+            _warm_up(warm_texts(*chunks[0]), backend, stats)
+        for k, (lo, hi) in enumerate(chunks):
             if call.stop_after is not None and _passed(batch, answers) >= call.stop_after:
                 stats.notes = (*stats.notes, f"LIMIT reached: stopped after {lo} of "
                                f"{len(todo)} prompts")
                 break
-            _warm_up(warm_texts(lo, hi), backend, stats)
+            ahead = warm_texts(*chunks[k + 1]) if k + 1 < len(chunks) else []
             answers.update(zip(todo[lo:hi], _answer_prompts(
                 call, prompts[lo:hi], [b - lo for b in bounds if lo <= b < hi], backend, env,
-                stats), strict=True))
+                stats, ahead), strict=True))
         stats.generate_seconds = time.perf_counter() - t0
         env.known.update((keys[i], answers[i]) for i in order if i in answers)
         stats.true_answers = sum(1 for i in order if answers.get(i) is True)

@@ -8,7 +8,15 @@ schedules a *warm-up*: the group's shared prefix alone, sent just before the win
 one output token (answer discarded). The members then find the prefix cached. A window
 holds at most ``ctx.batch_size`` prompts, and the prefixes it warms take at most a quarter
 of the engine's cache (when the engine reports its size), so they are still cached when
-the window runs.
+the window runs. The executor sends a window's warm-ups together with the previous
+window's last engine call, so they are computed while that window decodes.
+
+Long answers (``max_tokens`` of ``LONG_ANSWER_TOKENS`` or more) hold their KV blocks over
+many decode steps: a window's rows then also keep their own KV (the part of the prompt
+past the shared prefix, plus the answer) within half the engine's cache. Without this an
+engine admits more rows than its cache can grow and preempts (recomputes) them: on an H100
+with a 40,000-token cache, 5,000 rows of 48-token answers in 2,048-row calls preempted
+about 2,000 times.
 
 Invariant: the send order and the multiset of prompts are unchanged; only batch bounds and
 warm-ups are set. Applies only to backends that cache prefixes across requests but compute
@@ -23,8 +31,11 @@ import dataclasses
 from llmsql.optimizer.context import RuleContext
 from llmsql.optimizer.prefix_groups import group_starts, lcp
 from llmsql.plan import PromptBatch
+from llmsql.udfs import REGISTRY
 
 CHARS_PER_TOKEN = 4
+LONG_ANSWER_TOKENS = 8
+"""Answers at least this long make a window's own KV footprint count (see above)."""
 
 
 def warm_prefixes(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
@@ -41,19 +52,29 @@ def warm_prefixes(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
     ends = [*starts[1:], len(order)]
     if all(b - a == 1 for a, b in zip(starts, ends, strict=True)):
         return batch  # (with its prompts rendered: later rules and the executor reuse them)
-    budget = (caps.cache_tokens or 1 << 62) // 4 * CHARS_PER_TOKEN
+    cache = caps.cache_tokens or 1 << 62
+    budget = cache // 4 * CHARS_PER_TOKEN
+    answer = batch.call.options.max_tokens or REGISTRY[batch.call.kind].default_max_tokens
+    own_budget = cache // 2 if answer >= LONG_ANSWER_TOKENS else 1 << 62
     bounds: list[int] = []
     warmups: list[tuple[int, int]] = []
-    size = warm = 0
+    size = warm = own = 0
     for a, b in zip(starts, ends, strict=True):
         shared = lcp(prompts[a], prompts[a + 1]) if b - a > 1 else 0
-        if not bounds or size + (b - a) > ctx.batch_size or warm + shared > budget:
+        own_kv = [(len(prompts[k]) - shared) // CHARS_PER_TOKEN + answer for k in range(a, b)]
+        if not bounds or size + (b - a) > ctx.batch_size or warm + shared > budget \
+                or own + sum(own_kv) > own_budget:
             bounds.append(a)
-            size = warm = 0
-        size += b - a
+            size = warm = own = 0
         if shared:
             warm += shared
             warmups.append((order[a], shared))
+        for k, kv in enumerate(own_kv, a):
+            if own and own + kv > own_budget:  # a large group goes on in a new window; its
+                bounds.append(k)  # prefix, just computed, is still cached
+                size, own, warm = 0, 0, shared
+            own += kv
+            size += 1
     note = f"warm_prefixes: {len(warmups)} shared prefix(es) warmed in {len(bounds)} window(s)"
     return dataclasses.replace(batch, batches=tuple(bounds), warmups=tuple(warmups),
                                notes=(*batch.notes, note))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -98,6 +99,24 @@ def test_warm_prefixes_windows_fit_a_quarter_of_the_cache() -> None:
     # a window warms at most a quarter of the cache (400 tokens ~ 1600 chars / 4), unless a
     # single group's prefix alone is larger
     assert all(sum(c) <= 400 or len(c) == 1 for c in per_window.values())
+
+
+@pytest.mark.parametrize("max_tokens", [48, 2])
+def test_warm_prefixes_windows_keep_long_answers_kv_within_half_the_cache(
+        max_tokens: int) -> None:
+    caps = Capabilities(prefix_caching=True, block_size=16, cache_tokens=4000)
+    ctx = RuleContext(capabilities=caps, batch_size=10_000)
+    b = movies(600)
+    b = dataclasses.replace(b, call=dataclasses.replace(
+        b.call, options=dataclasses.replace(b.call.options, max_tokens=max_tokens)))
+    w = warm_prefixes(reorder_prompts(dedup_prompts(b, ctx), ctx), ctx)
+    edges = [*w.batches, len(w.send_order())]
+    sizes = [hi - lo for lo, hi in zip(edges, edges[1:])]
+    assert sum(sizes) == 600
+    if max_tokens >= 8:  # long answers: a window's own KV (>= rows x 48) fits half the cache
+        assert len(sizes) > 7 and max(sizes) * max_tokens <= 2000
+    else:  # short answers finish at once: only the prefix budget and batch size cut windows
+        assert max(sizes) * 48 > 2000
 
 
 def test_warm_prefixes_is_skipped_where_batches_share_prefixes() -> None:
