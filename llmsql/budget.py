@@ -16,6 +16,14 @@ Exceeding a budget raises :class:`~llmsql.errors.BudgetExceeded`, which names th
 the limit, what was used and how far the query got; every answered batch is already in the
 result cache, so raising the budget and running again continues where it stopped.
 
+**On Spark**, an LLM call's partitions are answered by independent tasks. Before the call
+starts, :meth:`BudgetMeter.shares` splits what is left of every budget over the partitions
+in proportion to their estimated size (prompts for ``max_calls`` and ``max_output_tokens``,
+prompt characters for ``max_prompt_tokens``, both priced for ``max_cost_usd``); each task
+meters its own share with the same two checks, reports what it spent, and the driver adds
+it to the query's meter (:meth:`BudgetMeter.charge`). The shares add up to what was left,
+so the query as a whole still never overshoots.
+
 >>> s = apply_setting(Settings(), "max_calls", 100)
 >>> s.budget.max_calls, apply_setting(s, "on_error", "fail").on_error
 (100, 'fail')
@@ -184,14 +192,29 @@ def output_bound(req: Request) -> int:
     return max(req.max_tokens, longest)
 
 
+@dataclass(frozen=True, slots=True)
+class PartSize:
+    """The estimated size of one partition of an LLM call's inputs (budget shares)."""
+
+    prompts: int
+    """Distinct inputs: at most this many prompts."""
+    prompt_tokens: int
+    """Estimated prompt tokens (characters / 4)."""
+
+
 class BudgetMeter:
     """Counts one query's spending and decides what may still be sent."""
 
-    def __init__(self, budget: Budget, price_for: Callable[[str | None], Price | None]) -> None:
-        """Meter against ``budget``; ``price_for(model)`` gives a call's model price."""
+    def __init__(self, budget: Budget, price_for: Callable[[str | None], Price | None], *,
+                 scope: str | None = None) -> None:
+        """Meter against ``budget``; ``price_for(model)`` gives a call's model price.
+
+        ``scope`` names a share of a query's budget (a Spark partition's), for messages.
+        """
         self.budget = budget
         self.used = Usage()
         self._price_for = price_for
+        self.scope = scope
 
     def price(self, model: str | None) -> Price:
         """The price of ``model`` (zero when no cost budget is set).
@@ -229,8 +252,8 @@ class BudgetMeter:
         for name, left in self._left().items():
             if need[name] > left:
                 raise self._error(
-                    name, f"{where} needs about {_fmt(need[name])} ({len(reqs)} prompts not in "
-                    f"the result cache) but only {_fmt(max(left, 0))} is left, so nothing of "
+                    name, f"{where} needs about {amount(need[name])} ({len(reqs)} prompts not in "
+                    f"the result cache) but only {amount(max(left, 0))} is left, so nothing of "
                     "it was sent"
                 )
 
@@ -268,20 +291,99 @@ class BudgetMeter:
                 "max_cost_usd": price.cost(p, o)}
         name = next((n for n, left in self._left().items() if step[n] > left), "max_calls")
         return self._error(
-            name, f"the next prompt could need up to {_fmt(step[name])} but only "
-            f"{_fmt(max(self._left()[name], 0))} is left"
+            name, f"the next prompt could need up to {amount(step[name])} but only "
+            f"{amount(max(self._left()[name], 0))} is left"
         )
+
+    def charge(self, usage: Usage, /) -> None:
+        """Add what was spent elsewhere (a Spark task, metering its share) to this query."""
+        self.used.calls += usage.calls
+        self.used.prompt_tokens += usage.prompt_tokens
+        self.used.output_tokens += usage.output_tokens
+        self.used.cost_usd += usage.cost_usd
+
+    def left(self) -> Budget:
+        """What is left of every active budget (never negative; None where unlimited)."""
+        left = {name: max(value, 0) for name, value in self._left().items()}
+
+        def whole(name: str) -> int | None:
+            return int(left[name]) if name in left else None
+
+        cost = left.get("max_cost_usd")
+        return Budget(max_calls=whole("max_calls"),
+                      max_prompt_tokens=whole("max_prompt_tokens"),
+                      max_output_tokens=whole("max_output_tokens"),
+                      max_cost_usd=float(cost) if cost is not None else None)
+
+    def shares(self, sizes: Sequence[PartSize], model: str | None) -> list[Budget]:
+        """Split what is left of every budget over partitions, in proportion to ``sizes``.
+
+        Calls and output tokens are split by prompts, prompt tokens by estimated tokens,
+        dollars by the estimated cost; integer budgets are rounded down and the remainder
+        goes to the largest fractions, so the shares add up to what is left.
+
+        >>> meter = BudgetMeter(Budget(max_calls=10, max_prompt_tokens=1000), lambda m: None)
+        >>> meter.used.calls = 3
+        >>> [(b.max_calls, b.max_prompt_tokens)
+        ...  for b in meter.shares([PartSize(4, 100), PartSize(2, 300)], None)]
+        [(5, 250), (2, 750)]
+
+        Raises:
+            ConfigError: ``max_cost_usd`` is set and the model has no price.
+        """
+        price = self.price(model)
+        weights: dict[str, list[float]] = {
+            "max_calls": [s.prompts for s in sizes],
+            "max_output_tokens": [s.prompts for s in sizes],
+            "max_prompt_tokens": [s.prompt_tokens for s in sizes],
+            "max_cost_usd": [price.cost(s.prompt_tokens, s.prompts) or s.prompt_tokens
+                             for s in sizes],
+        }
+        left = self.left()
+        split: dict[str, list[Any]] = {}
+        for name in BUDGET_NAMES:
+            total = getattr(left, name)
+            if total is not None:
+                split[name] = _split(total, weights[name], whole=name != "max_cost_usd")
+        return [Budget(**{name: parts[i] for name, parts in split.items()})
+                for i in range(len(sizes))]
 
     def _error(self, name: str, detail: str) -> BudgetExceeded:
         limit = getattr(self.budget, name)
         used = self.used.value(name)
+        scope = f" ({self.scope})" if self.scope else ""
         return BudgetExceeded(
-            f"budget llmsql.{name} = {_fmt(limit)}: {detail} ({_fmt(used)} used so far in "
-            "this query)",
+            f"budget llmsql.{name} = {amount(limit)}{scope}: {detail} ({amount(used)} used so far "
+            f"in {'it' if self.scope else 'this query'})",
             budget=name, limit=float(limit), used=float(used),
         )
 
 
-def _fmt(x: float) -> str:
+def _split(total: float, weights: Sequence[float], *, whole: bool) -> list[Any]:
+    """``total`` in parts proportional to ``weights`` (equal parts when all are zero).
+
+    >>> _split(10, [1, 1, 1], whole=True)
+    [4, 3, 3]
+    """
+    if not weights:
+        return []
+    weight = float(sum(weights))
+    exact = [total * w / weight for w in weights] if weight > 0 else \
+        [total / len(weights)] * len(weights)
+    if not whole:
+        return exact
+    parts = [int(x) for x in exact]
+    by_fraction = sorted(range(len(exact)), key=lambda i: (parts[i] - exact[i], i))
+    for i in by_fraction[: int(total) - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
+def amount(x: float) -> str:
+    """A budget amount as messages show it.
+
+    >>> amount(1234), amount(0.125)
+    ('1,234', '0.125')
+    """
     return f"{x:,.4f}".rstrip("0").rstrip(".") if isinstance(x, float) and x != int(x) \
         else f"{int(x):,}"

@@ -4,7 +4,9 @@ One SQLite file in WAL mode (``$XDG_CACHE_HOME/llmsql/results.sqlite`` by defaul
 readable by its owner only) maps a hash of *(model identity, request options, rendered
 prompt)* to the model's raw answer text. Several processes may read and write it at once
 (SQLite's WAL locking; writers wait for each other with a busy timeout), so Spark executors
-and parallel jobs can share one file.
+and parallel jobs can share one file. They must run on one host: WAL coordinates through
+shared memory, which network filesystems do not provide, so on a multi-host cluster each
+host keeps its own file at the same path (see the README, "Running on a cluster").
 
 What is stored, and what is not:
 
@@ -242,6 +244,17 @@ class ResultCache:
         except BaseException:
             con.execute("ROLLBACK")
             raise
+
+    def open(self) -> None:
+        """Open (and create) the file now rather than on first use.
+
+        Raises:
+            ConfigError: the file cannot be created or is not a usable cache.
+            sqlite3.OperationalError: another process held it locked for longer than
+                :data:`BUSY_TIMEOUT_MS`.
+        """
+        with self._lock:
+            self._connect()
 
     def close(self) -> None:
         """Close the file (it is reopened on the next use)."""

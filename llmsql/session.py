@@ -16,7 +16,7 @@ import weakref
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,6 +29,7 @@ from llmsql.budget import Budget, BudgetMeter, Price, Settings, apply_setting
 from llmsql.cache import LazyBackend, ResultCache, default_cache_path
 from llmsql.errors import ConfigError
 from llmsql.executors import Executor, make_executor
+from llmsql.executors.base import DeferredTable
 from llmsql.executors.llm_step import CallError, CallStats, StepEnv
 from llmsql.explain import TokenCounter
 from llmsql.explain import render as render_explain
@@ -41,78 +42,7 @@ from llmsql.optimizer.order_llm_predicates import estimate as estimate_predicate
 from llmsql.optimizer.order_llm_predicates import rank as rank_predicates
 from llmsql.planner import llm_filter_groups, plan_query, sampled
 from llmsql.progress import Progress, auto_progress
-
-
-@dataclass(slots=True)
-class QueryStats:
-    """Per-call statistics of one query."""
-
-    calls: list[CallStats] = field(default_factory=list)
-
-    @property
-    def null_answers(self) -> int:
-        """Answers that could not be parsed (NULL in the result)."""
-        return sum(c.null_answers for c in self.calls)
-
-    @property
-    def failed(self) -> int:
-        """Calls that failed for good (NULL in the result)."""
-        return sum(c.failed for c in self.calls)
-
-    def summary(self) -> str:
-        """One line per LLM call."""
-        lines = []
-        for c in self.calls:
-            hit = f", {100 * c.cached_tokens / c.prompt_tokens:.0f}% cached" if c.prompt_tokens else ""
-            extra = "".join(
-                f", {n} {what}" for n, what in ((c.null_answers, "unparseable -> NULL"),
-                                                (c.failed, "failed -> NULL"),
-                                                (c.truncated, "truncated"),
-                                                (c.from_cache, "from the result cache")) if n
-            )
-            lines.append(
-                f"{c.where}: {c.rows_in} rows, {c.distinct_prompts} distinct prompts, "
-                f"{c.sent} sent, {c.prompt_tokens} prompt tokens{hit}, {c.seconds:.2f}s{extra}"
-            )
-        return "\n".join(lines)
-
-
-class Result:
-    """A query's result: Arrow, pandas or a printed preview, plus statistics."""
-
-    def __init__(self, table: pa.Table, stats: QueryStats) -> None:
-        self._table = table
-        self.stats = stats
-
-    def arrow(self) -> pa.Table:
-        """The result as a pyarrow Table."""
-        return self._table
-
-    def df(self) -> Any:
-        """The result as a pandas DataFrame."""
-        return self._table.to_pandas()
-
-    def preview(self, max_rows: int = 20) -> str:
-        """A boxed text table of the first ``max_rows`` rows."""
-        import duckdb
-
-        con = duckdb.connect()
-        try:
-            text = str(con.from_arrow(self._table.slice(0, max_rows)))
-        finally:
-            con.close()
-        more = self._table.num_rows - max_rows
-        return text + (f"({more} more rows)\n" if more > 0 else "")
-
-    def show(self, max_rows: int = 20) -> None:
-        """Print a preview."""
-        print(self.preview(max_rows), end="")
-
-    def __len__(self) -> int:
-        return self._table.num_rows
-
-    def __repr__(self) -> str:
-        return self.preview()
+from llmsql.result import QueryStats, Result
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,7 +226,11 @@ class Session:
         return [plan_query(query, tree, query_id=f"q{next(self._ids)}") for tree in parse(query)]
 
     def sql(self, query: str, /) -> Result:
-        """Run ``query`` (one or more statements); return the last statement's result."""
+        """Run ``query`` (one or more statements); return the last statement's result.
+
+        The result reads as Arrow, pandas or a Spark DataFrame (:meth:`Result.spark`); on
+        ``engine='spark'`` it stays in Spark until one of those is asked for.
+        """
         return self._run(query, self._step_backend, auto_progress(self._progress_flag),
                          live=True)
 
@@ -372,7 +306,7 @@ class Session:
         env = StepEnv(backend_for=backend_for, rule_ctx=self._rule_ctx, progress=progress,
                       on_batch=on_batch, spec_for=self.spec if shippable else None)
         meter = BudgetMeter(self._settings.budget, self._price)
-        table: pa.Table | None = None
+        table: pa.Table | DeferredTable | None = None
         try:
             for tree in parse(query):
                 if _apply_set(self, tree):
@@ -431,7 +365,8 @@ class Session:
                                   true=s.true_answers, prompt_tokens=s.prompt_tokens,
                                   answered=s.sent)
 
-    def _run_plan(self, plan: QueryPlan, env: StepEnv, stats: QueryStats) -> pa.Table | None:
+    def _run_plan(self, plan: QueryPlan, env: StepEnv,
+                  stats: QueryStats) -> pa.Table | DeferredTable | None:
         try:
             for call in plan.calls:
                 stats.calls.append(self._executor.run_call(call, env))

@@ -36,6 +36,7 @@ from sqlglot import exp
 from llmsql.backends import BackendSpec, default_backend_kind
 from llmsql.dialect import LLMSQL
 from llmsql.errors import ConfigError, PlanError
+from llmsql.executors.spark_layout import is_connect
 from llmsql.executors.spark_worker import ColumnTask, answer_column, answer_group
 from llmsql.optimizer import RuleContext
 from llmsql.parse import parse
@@ -54,10 +55,10 @@ def _column_name(c: Any) -> str:
     """The prompt name of a field: a column name, or a column's Spark string form."""
     if isinstance(c, str):
         return c
-    jc = getattr(c, "_jc", None)
+    jc = getattr(c, "_jc", None) if not is_connect(c) else None
     if jc is not None:
         return str(jc.toString())
-    text = str(c)
+    text = str(c)  # a Connect column: Column<'name'>
     return text[8:-2] if text.startswith("Column<'") and text.endswith("'>") else text
 
 

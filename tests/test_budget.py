@@ -94,3 +94,20 @@ def test_cost_budget_needs_a_price(words: pd.DataFrame) -> None:
         con.register("t", words)
         with pytest.raises(ConfigError, match="prices="):
             con.sql("SELECT LLM('Say', w) FROM t")
+
+
+def test_shares_split_what_is_left_in_proportion_and_add_up() -> None:
+    from llmsql.budget import BudgetMeter, PartSize, Usage
+
+    meter = BudgetMeter(Budget(max_calls=10, max_prompt_tokens=1000, max_cost_usd=1.0),
+                        lambda _model: Price(1000.0, 0.0))
+    meter.charge(Usage(calls=3, prompt_tokens=100, cost_usd=0.1))
+    sizes = [PartSize(4, 100), PartSize(0, 0), PartSize(2, 300), PartSize(1, 500)]
+    shares = meter.shares(sizes, None)
+    assert [s.max_calls for s in shares] == [4, 0, 2, 1]  # 7 left, by prompts
+    assert [s.max_prompt_tokens for s in shares] == [100, 0, 300, 500]  # 900 left, by tokens
+    assert sum(s.max_cost_usd or 0 for s in shares) == pytest.approx(0.9)
+    assert shares[3].max_cost_usd == pytest.approx(0.5)  # by the priced prompt tokens
+    assert all(s.max_output_tokens is None for s in shares)  # unlimited stays unlimited
+    tight = BudgetMeter(Budget(max_calls=2), lambda _model: None)
+    assert [s.max_calls for s in tight.shares([PartSize(1, 9)] * 3, None)] == [1, 1, 0]

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import pyarrow as pa
 
 from llmsql.executors.llm_step import CallStats, StepEnv
 from llmsql.plan import LLMCall, QueryPlan
+
+
+class DeferredTable(Protocol):
+    """A query result the engine keeps until it is read (Spark: a checkpointed DataFrame)."""
+
+    def to_arrow(self) -> pa.Table:
+        """The whole result, collected (once)."""
+        ...
+
+    def head(self, n: int, /) -> pa.Table:
+        """The first ``n`` rows."""
+        ...
+
+    def num_rows(self) -> int:
+        """How many rows the result has."""
+        ...
+
+    def frame(self) -> Any:
+        """The result as the engine's own DataFrame."""
+        ...
 
 
 class Executor(Protocol):
@@ -24,8 +44,12 @@ class Executor(Protocol):
         ``call.lookup`` for later calls and the final query."""
         ...
 
-    def final(self, plan: QueryPlan, /) -> pa.Table | None:
-        """Run the final statement; None when it returns no rows (DDL)."""
+    def final(self, plan: QueryPlan, /) -> pa.Table | DeferredTable | None:
+        """Run the final statement; None when it returns no rows (DDL).
+
+        Errors of the statement are raised here, and the result must not depend on the
+        plan's lookups, which the caller drops next.
+        """
         ...
 
     def drop_lookups(self, plan: QueryPlan, /) -> None:

@@ -107,7 +107,9 @@ class StepEnv:
     memo: dict[tuple[Any, ...], Response] = field(default_factory=dict)
     known: dict[tuple[Any, ...], Any] = field(default_factory=dict)
     """Parsed answers by call signature and field values (any field order): an input
-    answered once in a query (e.g. in a selectivity sample) is never sent again."""
+    answered once in a query (e.g. in a selectivity sample) is never sent again. The Spark
+    engine ships a call's entries (:func:`known_answers`) to its tasks and adds small calls'
+    answers back (:func:`remember`)."""
     spec_for: Callable[[str | None], BackendSpec] | None = None
     """The spec a backend per model is built from, where the session may ship it to other
     processes (Spark executors); None for a backend object or a dry run."""

@@ -11,10 +11,17 @@ For each LLM call (see :mod:`llmsql.planner`):
 3. **Answers.** ``mapInArrow`` runs :func:`llmsql.executors.spark_worker.answer_partition` on
    every partition: the same LLM step as DuckDB (the optimizer orders the partition's rows),
    answered by the executor's long-lived inference worker. Only the picklable
-   :class:`~llmsql.backends.base.BackendSpec` travels. The output is persisted (memory and
-   disk): a lost executor's partitions are recomputed from lineage, so no row is lost. One
-   statistics row per partition comes back to the driver.
+   :class:`~llmsql.backends.base.BackendSpec` travels, with the result cache's *path* (each
+   task opens the file and writes every answered batch, so a retried task or a re-run query
+   does not pay twice), the answers this query already has for the call's prompts (e.g. its
+   selectivity sample) and, under a budget, each partition's share of it. The output is
+   persisted (memory and disk): a lost executor's partitions are recomputed from lineage, so
+   no row is lost. One statistics row per partition comes back to the driver, with what the
+   task spent and any failure a retry would only repeat (which the driver raises).
 4. **Lookup.** The answers become the temp view ``call.lookup``; the final query reads them.
+5. **Result.** The final query is checkpointed on the executors (:class:`SparkTable`) before
+   the lookups are dropped: ``Result.spark()`` keeps working on it without re-running any
+   LLM call, and nothing is collected to the driver until Arrow or pandas is asked for.
 
 A backend *object* (or a dry run, as EXPLAIN uses) cannot be rebuilt on executors: then the
 partitions are collected and answered on the driver, partition by partition, which keeps the
@@ -39,8 +46,7 @@ import os
 import pathlib
 import re
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -50,10 +56,34 @@ from sqlglot import exp
 from llmsql import errors
 from llmsql.backends.base import BackendSpec
 from llmsql.backends.dry_run import DryRunBackend
-from llmsql.errors import ConfigError, ExecutionError, LLMSQLError, PlanError, UnsupportedError
-from llmsql.executors.llm_step import CallStats, StepEnv, result_type, run_call
-from llmsql.executors.spark_layout import ORDINAL_COL, Layout, LayoutPlanner, SparkSettings
+from llmsql.budget import Budget, Usage
+from llmsql.errors import ConfigError, ExecutionError, LLMSQLError, PlanError
+from llmsql.executors.llm_step import (
+    CallStats,
+    StepEnv,
+    known_answers,
+    remember,
+    result_type,
+    run_call,
+)
+from llmsql.executors.spark_layout import (
+    ORDINAL_COL,
+    Layout,
+    LayoutPlanner,
+    SparkSettings,
+    is_connect,
+)
 from llmsql.executors.spark_sql import spark_sql
+from llmsql.executors.spark_tasks import (
+    KNOWN_COLLECT_ROWS,
+    PartitionReport,
+    known_entries,
+    merge_batches,
+    merge_stats,
+    partition_report,
+    partition_sizes,
+    task_failure,
+)
 from llmsql.executors.spark_worker import (
     COUNT_COL,
     STATS_COL,
@@ -76,23 +106,6 @@ READERS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv"
            ".json": "json", ".jsonl": "json", ".ndjson": "json"}
 
 
-@dataclass(frozen=True, slots=True)
-class PartitionReport:
-    """What one task of an LLM call did (from its statistics row)."""
-
-    call_id: str
-    partition: int
-    executor: str
-    worker_pid: int
-    model_loads: int
-    rows: int
-    prompt_tokens: int
-    cached_tokens: int
-    lead_values: tuple[str, ...] | None
-    worker: dict[str, Any]
-    """The worker's cumulative counters after the task (:class:`WorkerStats` fields)."""
-
-
 # ---- sessions and errors ------------------------------------------------------------------
 
 
@@ -104,7 +117,18 @@ def _build_session(master: str) -> SparkSession:
     from pyspark.sql import SparkSession
 
     if master.startswith("sc://"):
-        return SparkSession.builder.remote(master).getOrCreate()
+        from pyspark.errors import PySparkRuntimeError
+
+        try:
+            return SparkSession.builder.remote(master).getOrCreate()
+        except ImportError as exc:  # pyspark without its Connect client (grpcio, ...)
+            raise ConfigError(f"spark={master!r} needs the Spark Connect client: pip install "
+                              f"'llmsql[spark]' ({exc})") from None
+        except PySparkRuntimeError as exc:  # SESSION_ALREADY_EXIST: a classic SparkContext
+            raise ConfigError(
+                f"cannot attach to Spark Connect at {master}: this process already runs a "
+                f"classic SparkSession ({str(exc).splitlines()[0]}); pass that session as "
+                "spark=, or stop it first") from None
     builder = SparkSession.builder.master(master).appName("llmsql")
     if master.startswith("local"):  # executors on this machine: let them import llmsql
         path = os.pathsep.join(p for p in (_package_root(), os.environ.get("PYTHONPATH")) if p)
@@ -118,10 +142,13 @@ def open_session(spark: Any) -> tuple[SparkSession, bool]:
     Args:
         spark: None (the active session, else one built from the spark-submit settings), a
             master URL (``local[2]``, ``spark://...``, ``sc://...`` for Spark Connect) or a
-            SparkSession (classic or Connect).
+            SparkSession (classic or Connect). A master URL uses the active session when
+            there is one; so does an ``sc://`` URL when that session is a Connect session.
 
     Raises:
-        ConfigError: ``spark`` is none of these, or pyspark is missing.
+        ConfigError: ``spark`` is none of these, pyspark (or its Connect client, for an
+            ``sc://`` URL) is missing, or an ``sc://`` URL is given in a process that runs
+            a classic SparkSession.
     """
     try:
         from pyspark.sql import SparkSession
@@ -129,7 +156,10 @@ def open_session(spark: Any) -> tuple[SparkSession, bool]:
         raise ConfigError("engine='spark' needs pyspark: pip install 'llmsql[spark]'") from None
     if spark is None or isinstance(spark, str):
         active = SparkSession.getActiveSession()
-        if active is not None and not (isinstance(spark, str) and spark.startswith("sc://")):
+        remote = isinstance(spark, str) and spark.startswith("sc://")
+        # pyspark hands out the active Connect session for any sc:// URL: use it, do not own it
+        connect = type(active).__module__.startswith("pyspark.sql.connect")
+        if active is not None and (not remote or connect):
             return active, False
         return (_build_session(spark) if spark else SparkSession.builder.getOrCreate()), True
     if hasattr(spark, "sql") and hasattr(spark, "createDataFrame"):
@@ -172,82 +202,53 @@ def shippable_spec(env: StepEnv, model: str | None) -> BackendSpec | None:
     return env.spec_for(model) if env.spec_for is not None else None
 
 
-# ---- statistics -----------------------------------------------------------------------------
+# ---- results --------------------------------------------------------------------------------
 
 
-def merge_stats(call: LLMCall, parts: Sequence[dict[str, Any]]) -> CallStats:
-    """One call's statistics from its partitions' statistics rows."""
-    out = CallStats(call.id, call.kind.value, call.where)
-    skip = {"call_id", "kind", "where", "notes", "null_reasons", "rule_seconds", "seconds",
-            "input_seconds", "generate_seconds", "rows_in"}
-    for f in dataclasses.fields(CallStats):
-        current = getattr(out, f.name)
-        if f.name in skip or isinstance(current, bool) or not isinstance(current, (int, float)):
-            continue
-        setattr(out, f.name, type(current)(sum(p["stats"].get(f.name, 0) for p in parts)))
-    out.rows_in = sum(int(p["rows"]) for p in parts)
-    out.generate_seconds = max((p["stats"].get("generate_seconds", 0.0) for p in parts),
-                               default=0.0)
-    rules: dict[str, float] = {}
-    for p in parts:
-        for name, seconds in p["stats"].get("rule_seconds", ()):
-            rules[name] = rules.get(name, 0.0) + seconds
-    out.rule_seconds = tuple(rules.items())
-    out.null_reasons = [r for p in parts for r in p["stats"].get("null_reasons", ())][:20]
-    if parts:
-        biggest = max(parts, key=lambda p: p["rows"])
-        suffix = f" [largest of {len(parts)} partitions]" if len(parts) > 1 else ""
-        out.notes = tuple(f"{n}{suffix}" for n in biggest["stats"].get("notes", ()))
-    return out
+class SparkTable:
+    """A query's result kept in Spark until it is read (:class:`llmsql.Result` wraps it).
+
+    The DataFrame is checkpointed on the executors before the query's lookups are dropped,
+    so it stays valid -- and never re-runs an LLM call -- for as long as the SparkSession
+    runs. Arrow is collected to the driver on first use only, and once.
+    """
+
+    def __init__(self, frame: DataFrame) -> None:
+        """Wrap a checkpointed DataFrame."""
+        self._frame = frame
+        self._table: pa.Table | None = None
+        self._rows: int | None = None
+
+    def frame(self) -> DataFrame:
+        """The result as a Spark DataFrame."""
+        return self._frame
+
+    def to_arrow(self) -> pa.Table:
+        """The whole result on the driver (collected once)."""
+        if self._table is None:
+            self._table = _reading(self._frame.toArrow)
+        return self._table
+
+    def head(self, n: int, /) -> pa.Table:
+        """The first ``n`` rows (only those are collected)."""
+        if self._table is not None:
+            return self._table.slice(0, n)
+        return _reading(self._frame.limit(n).toArrow)
+
+    def num_rows(self) -> int:
+        """The number of rows (counted by Spark, not collected)."""
+        if self._table is not None:
+            return self._table.num_rows
+        if self._rows is None:
+            self._rows = int(_reading(self._frame.count))
+        return self._rows
 
 
-def _report(call: LLMCall, p: dict[str, Any]) -> PartitionReport:
-    w = p["worker"]
-    lead = p.get("lead")
-    return PartitionReport(call.id, int(p["partition"]), str(p["executor"]), int(w["pid"]),
-                           int(w["model_loads"]), int(p["rows"]),
-                           int(p["stats"]["prompt_tokens"]), int(p["stats"]["cached_tokens"]),
-                           tuple(lead) if lead is not None else None, dict(w))
-
-
-def _index_of(items: list[tuple[int, ...]], item: tuple[int, ...]) -> int:
-    """The position of ``item`` in ``items``, appending it first when missing."""
-    if item not in items:
-        items.append(item)
-    return items.index(item)
-
-
-def _merge_batches(items: Sequence[tuple[PromptBatch, tuple[int, ...]]],
-                   ) -> tuple[PromptBatch, tuple[int, ...]]:
-    """Several partitions' optimized batches of one call as one batch (for EXPLAIN)."""
-    first = items[0][0]
-    written = first.call.template.appended
-    values = tuple(tuple(v for b, _ in items for v in b.values[j])
-                   for j in range(len(first.values)))
-    rep: list[int] = []
-    order: list[int] = []
-    sent: list[int] = []
-    bounds: list[int] = []
-    orders: list[tuple[int, ...]] = []
-    per_row: list[int] = []
-    warm: list[tuple[int, int]] = []
-    offset = 0
-    for b, rows in items:
-        fos = b.field_orders if b.row_field_order is not None else (written,)
-        local = [_index_of(orders, fo) for fo in fos]
-        per_row += [local[b.row_field_order[i]] if b.row_field_order else local[0]
-                    for i in range(b.n_rows)]
-        bounds += [len(order) + x for x in b.batches]
-        rep += [offset + r for r in (b.rep or range(b.n_rows))]
-        order += [offset + i for i in b.send_order()]
-        sent += [offset + i for i in rows]
-        warm += [(offset + r, chars) for r, chars in b.warmups]
-        offset += b.n_rows
-    merged = dataclasses.replace(
-        first, values=values, n_rows=offset, rep=tuple(rep), order=tuple(order),
-        field_orders=tuple(orders), row_field_order=tuple(per_row), batches=tuple(bounds),
-        warmups=tuple(warm), rendered=None)
-    return merged, tuple(sent)
+def _reading(read: Callable[[], Any]) -> Any:
+    try:
+        return read()
+    except Exception as exc:  # noqa: BLE001 - boundary: Spark failures reading a result
+        raise _from_spark_error(exc, what="reading the result") from None
 
 
 # ---- the executor -------------------------------------------------------------------------
@@ -273,7 +274,8 @@ class SparkExecutor:
         """Attach to (or start) a SparkSession; see :func:`open_session`.
 
         Raises:
-            ConfigError: a DuckDB database file or an unknown option was given.
+            ConfigError: a DuckDB database file or an unknown option was given, or the
+                session does not answer (e.g. no Spark Connect server at the URL).
         """
         if database != ":memory:":
             raise ConfigError("engine='spark' reads tables from the Spark catalog; the "
@@ -281,7 +283,17 @@ class SparkExecutor:
         if options:
             raise ConfigError(f"unknown Spark engine option(s): {', '.join(sorted(options))}")
         session, owns = open_session(spark)
-        return cls(session, SparkSettings.from_conf(session), owns=owns)
+        try:
+            settings = SparkSettings.from_conf(session)
+        except LLMSQLError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - boundary: an unreachable server, a dead JVM
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            where = f" at {spark}" if isinstance(spark, str) else ""
+            raise ConfigError(f"the Spark session{where} does not answer: {first}; check that "
+                              "the cluster (or Spark Connect server) is running and "
+                              "reachable") from None
+        return cls(session, settings, owns=owns)
 
     def close(self) -> None:
         """Drop cached lookups; stop the SparkSession if llmsql started it.
@@ -327,7 +339,8 @@ class SparkExecutor:
         if fmt is None:
             raise ConfigError(f"cannot tell the format of {path!r}; use a .parquet, .csv "
                               "or .json file")
-        if "://" not in path and not pathlib.Path(path).exists():
+        # under Spark Connect the server reads the path: it need not exist on this client
+        if "://" not in path and not is_connect(self.spark) and not pathlib.Path(path).exists():
             raise ConfigError(f"file {path!r} does not exist")
         reader = self.spark.read
         if fmt == "csv":
@@ -348,13 +361,17 @@ class SparkExecutor:
         except Exception as exc:  # noqa: BLE001 - boundary: Spark analysis/parse errors
             raise _from_spark_error(exc, what=what, call=call) from None
 
-    def final(self, plan: QueryPlan, /) -> pa.Table | None:
-        """Run the final statement; Arrow for a query, None for DDL."""
+    def final(self, plan: QueryPlan, /) -> SparkTable | None:
+        """Run the final statement; its checkpointed result for a query, None for DDL.
+
+        The checkpoint is eager: the query runs now (its errors are raised here), and the
+        result no longer depends on the lookups the caller drops next.
+        """
         df = self._sql(plan.final, what="the query")
         if not isinstance(plan.final, exp.Query):
             return None
         try:
-            return df.toArrow()
+            return SparkTable(df.localCheckpoint(eager=True))
         except Exception as exc:  # noqa: BLE001 - boundary: runtime failures in Spark
             raise _from_spark_error(exc, what="the query") from None
 
@@ -381,10 +398,6 @@ class SparkExecutor:
             layout = self._planner.layout(call, inputs)
             input_seconds = time.perf_counter() - start
             spec = shippable_spec(env, call.options.model)
-            if spec is not None and getattr(env, "budget", None) is not None:
-                raise UnsupportedError(
-                    f"{call.where}: query budgets (SET llmsql.max_...) are not enforced on "
-                    "Spark executors yet; clear them, or run this query with engine='duckdb'")
             try:
                 if spec is None:
                     stats = self._answer_on_driver(call, layout, env)
@@ -432,22 +445,22 @@ class SparkExecutor:
                              env: StepEnv) -> CallStats:
         from pyspark import StorageLevel
         from pyspark.sql import functions as F
-        from pyspark.sql import types as T
-        from pyspark.sql.pandas.types import to_arrow_schema
 
-        schema = self._lookup_schema(call, layout.df.schema)
-        out = T.StructType([*schema.fields, T.StructField(STATS_COL, T.StringType())])
-        large = str(self.spark.conf.get("spark.sql.execution.arrow.useLargeVarTypes",
-                                        "false")).lower() == "true"
-        tz = self._time_zone()
-        task = StepTask(call, spec, env.rule_ctx(DryRunBackend()),
-                        to_arrow_schema(out, timezone=tz, prefers_large_types=large), tz,
-                        layout.lead, env.on_error)
-        mapped = layout.df.mapInArrow(functools.partial(answer_partition, task), out)
-        cached = mapped.persist(StorageLevel.MEMORY_AND_DISK)
-        self._lookups[call.lookup] = cached
-        parts = [json.loads(r[0]) for r in
-                 cached.where(F.col(STATS_COL).isNotNull()).select(STATS_COL).collect()]
+        df = layout.df
+        if env.budget is not None:  # the shares' estimates and the answers see one layout
+            df = df.persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            task, left = self._task(call, df, layout.lead, spec, env)
+            mapped = df.mapInArrow(functools.partial(answer_partition, task),
+                                   self._out_schema(call, df.schema))
+            cached = mapped.persist(StorageLevel.MEMORY_AND_DISK)
+            self._lookups[call.lookup] = cached
+            parts = [json.loads(r[0]) for r in
+                     cached.where(F.col(STATS_COL).isNotNull()).select(STATS_COL).collect()]
+        finally:
+            if df is not layout.df:
+                df.unpersist()
+        self._settle(call, env, parts, left)
         lookup = cached.where(F.col(STATS_COL).isNull()).drop(STATS_COL)
         if call.kind is CallKind.AGG:
             # The rows' scan order (monotonically_increasing_id) is non-deterministic for
@@ -455,12 +468,65 @@ class SparkExecutor:
             # row per group, small).
             lookup = lookup.localCheckpoint(eager=True)
         lookup.createOrReplaceTempView(call.lookup)
-        self.reports += [_report(call, p) for p in parts]
+        self._share_answers(call, env, parts, lookup)
+        self.reports += [partition_report(call, p) for p in parts]
         stats = merge_stats(call, parts)
         env.progress.start(stats.distinct_prompts, call.where)
         env.progress.advance(stats.distinct_prompts, stats.prompt_tokens + stats.output_tokens,
                              stats.cached_tokens)
         return stats
+
+    def _out_schema(self, call: LLMCall, inputs_schema: Any) -> Any:
+        """The lookup's columns, then the statistics column."""
+        from pyspark.sql import types as T
+
+        schema = self._lookup_schema(call, inputs_schema)
+        return T.StructType([*schema.fields, T.StructField(STATS_COL, T.StringType())])
+
+    def _task(self, call: LLMCall, df: DataFrame, lead: str | None, spec: BackendSpec,
+              env: StepEnv) -> tuple[StepTask, Budget | None]:
+        """What every task of ``call`` gets, and what was left of the budgets (if any)."""
+        from pyspark.sql.pandas.types import to_arrow_schema
+
+        large = str(self.spark.conf.get("spark.sql.execution.arrow.useLargeVarTypes",
+                                        "false")).lower() == "true"
+        tz = self._time_zone()
+        out = to_arrow_schema(self._out_schema(call, df.schema), timezone=tz,
+                              prefers_large_types=large)
+        budgets = price = left = None
+        if env.budget is not None:
+            left = env.budget.left()
+            price = env.budget.price(call.options.model)
+            sizes = partition_sizes(call, df)
+            budgets = tuple(env.budget.shares(sizes, call.options.model))
+        known = known_answers(call, env.known) if call.kind is not CallKind.AGG else ()
+        cache = str(env.cache.path) if env.cache is not None else None
+        task = StepTask(call, spec, env.rule_ctx(DryRunBackend()), out, tz, lead,
+                        env.on_error, cache_path=cache, known=known, budgets=budgets,
+                        price=price)
+        return task, left
+
+    def _settle(self, call: LLMCall, env: StepEnv, parts: list[dict[str, Any]],
+                left: Budget | None) -> None:
+        """Charge what the tasks spent to the query's budgets; raise what a task reported."""
+        if env.budget is not None:
+            for p in parts:
+                if p.get("used"):
+                    env.budget.charge(Usage(**p["used"]))
+        failed = [p for p in parts if p.get("error")]
+        if failed:
+            raise task_failure(call, env, failed, len(parts), left)
+
+    def _share_answers(self, call: LLMCall, env: StepEnv, parts: list[dict[str, Any]],
+                       lookup: DataFrame) -> None:
+        """Keep a small call's answers for later calls of the query with the same prompts."""
+        distinct = sum(int(p["stats"].get("rows_in", 0)) for p in parts)
+        model = next((p["model_id"] for p in parts if p.get("model_id")), None)
+        if (call.kind is CallKind.AGG or call.stop_after is not None or model is None
+                or not 0 < distinct <= KNOWN_COLLECT_ROWS):
+            return
+        table = _reading(lookup.toArrow)
+        remember(call, model, known_entries(call, table, self._time_zone()), env.known)
 
     def _answer_on_driver(self, call: LLMCall, layout: Layout, env: StepEnv) -> CallStats:
         """Backend objects and dry runs: collect the partitions, answer them here."""
@@ -482,7 +548,7 @@ class SparkExecutor:
             parts.append({"stats": dataclasses.asdict(stats),
                           "rows": sum(rows) if rows is not None else part.num_rows})
         if env.on_batch is not None and seen:
-            env.on_batch(*_merge_batches(seen))
+            env.on_batch(*merge_batches(seen))
         self._register_lookup(call, lookups, schema)
         stats = merge_stats(call, parts)
         stats.notes = (*stats.notes, ("answered on the driver (a backend object or a dry run "
@@ -502,5 +568,5 @@ class SparkExecutor:
         df.createOrReplaceTempView(call.lookup)
 
 
-__all__ = ["PartitionReport", "SparkExecutor", "SparkSettings", "merge_stats", "open_session",
-           "shippable_spec"]
+__all__ = ["PartitionReport", "SparkExecutor", "SparkSettings", "SparkTable", "merge_stats",
+           "open_session", "shippable_spec"]

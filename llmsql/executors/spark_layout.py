@@ -42,7 +42,8 @@ from llmsql.udfs.base import CallKind
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
 
-__all__ = ["CHARS_PER_TOKEN", "ORDINAL_COL", "Layout", "LayoutPlanner", "SparkSettings"]
+__all__ = ["CHARS_PER_TOKEN", "ORDINAL_COL", "Layout", "LayoutPlanner", "SparkSettings",
+           "is_connect"]
 
 CONF_PREFIX = "spark.llmsql."
 ORDINAL_COL = "__llmsql_ord"
@@ -51,6 +52,12 @@ KEY_COL = "__llmsql_key"
 PK_COL = "__llmsql_pk"
 CHARS_COL = "__llmsql_chars"
 CHARS_PER_TOKEN = 4
+
+
+def is_connect(obj: object) -> bool:
+    """True for a Spark Connect object (session, DataFrame or Column): no SparkContext, no
+    JVM handles (``sparkContext``, ``_jdf``, ``_jc``) on the client."""
+    return type(obj).__module__.startswith("pyspark.sql.connect.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +117,19 @@ class LayoutPlanner:
         """Partitions per LLM call."""
         if self.settings.partitions is not None:
             return self.settings.partitions
-        try:
+        if not is_connect(self.spark):
             return max(1, int(self.spark.sparkContext.defaultParallelism))
-        except Exception:  # noqa: BLE001 - Spark Connect has no sparkContext
-            return max(1, int(self.spark.conf.get("spark.default.parallelism", "2") or 2))
+        return self._connect_parallelism()
+
+    def _connect_parallelism(self) -> int:
+        """The default parallelism through Spark Connect, which has no SparkContext: a range
+        without a partition count gets it (``spark.sql.leafNodeDefaultParallelism``, else
+        the cluster's default parallelism). One small Spark job."""
+        from pyspark.sql import functions as F
+
+        row = (self.spark.range(0, 1 << 16).select(F.spark_partition_id().alias("p"))
+               .agg(F.max("p").alias("p")).first())
+        return max(1, int(row["p"]) + 1) if row is not None and row["p"] is not None else 1
 
     # -- layout ------------------------------------------------------------------------------
 

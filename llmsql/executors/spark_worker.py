@@ -18,7 +18,11 @@ default 600). A file lock makes concurrent first tasks start one keeper.
 **The step.** :func:`answer_partition` is the ``mapInArrow`` function of an LLM call: it
 answers its whole partition with :func:`llmsql.executors.llm_step.run_call` (the same code the
 DuckDB engine runs, so the optimizer orders the partition's rows) and yields the lookup rows
-plus one statistics row. :func:`answer_column` and :func:`answer_group` do the same for the
+plus one statistics row. The task opens the session's result cache by its path (answers are
+read before the worker is even attached to, and written batch by batch), starts from the
+answers the query already has for the call's prompts, and keeps to its partition's share of
+the query's budgets; what it spent, and any failure a retry would only repeat, go back in the
+statistics row. :func:`answer_column` and :func:`answer_group` do the same for the
 DataFrame API's Arrow UDFs, one Arrow batch or group at a time.
 
 The per-process client cache (:data:`_CLIENTS`) is the one module-level state of llmsql: a
@@ -36,18 +40,19 @@ import os
 import pathlib
 import pickle
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from llmsql.backends.base import BackendSpec
+from llmsql.backends.base import BackendSpec, LLMBackend
 from llmsql.backends.worker import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_STARTUP_TIMEOUT,
@@ -57,8 +62,25 @@ from llmsql.backends.worker import (
     private_dir,
     spec_digest,
 )
-from llmsql.errors import BackendError, LLMSQLError
-from llmsql.executors.llm_step import CallStats, StepEnv, distinct_rows, result_type, run_call
+from llmsql.budget import BUDGET_NAMES, Budget, BudgetMeter, Price
+from llmsql.cache import LazyBackend, ResultCache
+from llmsql.errors import (
+    BackendError,
+    BudgetExceeded,
+    CallFailed,
+    ConfigError,
+    ContextLengthError,
+    LLMSQLError,
+)
+from llmsql.executors.llm_step import (
+    CallStats,
+    KnownAnswers,
+    StepEnv,
+    distinct_rows,
+    remember,
+    result_type,
+    run_call,
+)
 from llmsql.optimizer import RuleContext
 from llmsql.plan import ARG_PREFIX, GROUP_PREFIX, RESULT_COL, LLMCall
 from llmsql.progress import NoProgress
@@ -305,7 +327,7 @@ def _serve(client: WorkerClient, args: argparse.Namespace) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class StepTask:
-    """Everything a ``mapInArrow`` task needs; picklable (no engine, no session)."""
+    """Everything a ``mapInArrow`` task needs; picklable (no engine, no session, no file)."""
 
     call: LLMCall
     spec: BackendSpec
@@ -318,6 +340,21 @@ class StepTask:
     """Input column whose distinct values are reported per partition (affinity checks)."""
     on_error: str = "null"
     """The session's ``on_error``: ``null`` or ``fail``."""
+    cache_path: str | None = None
+    """The session's result cache file, opened by each task (None: no cache)."""
+    known: KnownAnswers = ()
+    """Answers to this call's prompts already obtained in the query (e.g. by the
+    selectivity sample): those inputs are not sent again."""
+    budgets: tuple[Budget, ...] | None = None
+    """Per partition id, its share of what is left of the query's budgets (None: none);
+    a partition past the end was estimated empty and gets a zero share."""
+    price: Price | None = None
+    """The call's model price (``max_cost_usd``)."""
+
+
+REPORTED_ERRORS: tuple[type[LLMSQLError], ...] = (BudgetExceeded, CallFailed, ContextLengthError)
+"""Failures a retry would only repeat (and pay for again): a task reports them in its
+statistics row instead of raising, and the driver raises them."""
 
 
 def local_timestamps(table: pa.Table, time_zone: str) -> pa.Table:
@@ -333,32 +370,71 @@ def local_timestamps(table: pa.Table, time_zone: str) -> pa.Table:
     return table
 
 
-def _env(spec: BackendSpec, rule_ctx: RuleContext,
-         on_error: str) -> tuple[StepEnv, WorkerClient]:
-    backend = worker_backend(spec)
+@dataclass(slots=True)
+class _Attempt:
+    """One answered partition: the lookup, its statistics and the backend that answered."""
+
+    lookup: pa.Table
+    stats: CallStats
+    backend: LazyBackend
+
+
+def _env(spec: BackendSpec, rule_ctx: RuleContext, on_error: str, cache: ResultCache | None,
+         budget: BudgetMeter | None) -> tuple[StepEnv, LazyBackend]:
+    """The step's environment on an executor.
+
+    The worker is attached to lazily: a partition answered entirely by the result cache (and
+    whose model capabilities the cache recorded) never starts it. The model identity is the
+    spec's :func:`~llmsql.cache.model_key`, as on the driver, so both share cache entries.
+    """
+    backend = LazyBackend(spec, lambda: worker_backend(spec), cache)
     env = StepEnv(
-        backend_for=lambda _model: backend,
+        backend_for=lambda _model: cast(LLMBackend, backend),
         rule_ctx=lambda b: dataclasses.replace(rule_ctx, capabilities=b.capabilities),
         progress=NoProgress(),
         on_error=on_error,
+        cache=cache,
+        budget=budget,
     )
     return env, backend
 
 
 def _run(call: LLMCall, inputs: pa.Table, spec: BackendSpec, rule_ctx: RuleContext,
-         on_error: str = "null") -> tuple[pa.Table, CallStats, WorkerClient]:
+         on_error: str = "null", *, cache: ResultCache | None = None, known: KnownAnswers = (),
+         budget: BudgetMeter | None = None) -> _Attempt:
     """``run_call`` on this executor's worker; one retry when the worker was lost."""
     for attempt in (1, 2):
-        env, backend = _env(spec, rule_ctx, on_error)
+        env, backend = _env(spec, rule_ctx, on_error, cache, budget)
+        if known:
+            remember(call, backend.model_id(), known, env.known)
         try:
             lookup, stats = run_call(call, inputs, env)
         except BackendError as exc:
-            if attempt == 2 or "lost the llmsql worker" not in str(exc):
+            if attempt == 2 or "lost the llmsql worker" not in str(exc) or not backend.built:
                 raise
-            _forget(backend)
+            _forget(cast(WorkerClient, backend.backend()))
             continue
-        return lookup, stats, backend
+        return _Attempt(lookup, stats, backend)
     raise AssertionError("unreachable")
+
+
+def _open_cache(path: str | None) -> tuple[ResultCache | None, str | None]:
+    """The result cache at ``path`` on this executor, or None and why it cannot be used.
+
+    A cache this host cannot open (another user's file, a folder that does not exist here)
+    only costs its savings; the task runs without it.
+    """
+    if path is None:
+        return None, None
+    cache = ResultCache(path)
+    try:
+        cache.open()
+    except (ConfigError, sqlite3.Error) as exc:
+        cache.close()
+        return None, (f"result cache: {path} cannot be used on executor host "
+                      f"{socket.gethostname()} ({str(exc).splitlines()[0]}); its tasks ran "
+                      "without it")
+    return cache, None
 
 
 def _step_columns(call: LLMCall, names: Sequence[str]) -> list[str]:
@@ -367,7 +443,7 @@ def _step_columns(call: LLMCall, names: Sequence[str]) -> list[str]:
 
 
 def restore_keys(call: LLMCall, original: pa.Table, rendered: pa.Table,
-                               lookup: pa.Table) -> pa.Table:
+                 lookup: pa.Table) -> pa.Table:
     """The lookup with its key columns in Spark's types (they were localized to render)."""
     if call.kind is CallKind.AGG or original.schema.equals(rendered.schema):
         return lookup
@@ -377,31 +453,92 @@ def restore_keys(call: LLMCall, original: pa.Table, rendered: pa.Table,
     return table.append_column(RESULT_COL, lookup.column(RESULT_COL))
 
 
-def _stats_json(task: StepTask, stats: CallStats, rows: int, inputs: pa.Table,
-                backend: WorkerClient) -> str:
+def _partition_id() -> int:
     from pyspark import TaskContext
 
     ctx = TaskContext.get()
+    return ctx.partitionId() if ctx is not None else -1
+
+
+def _meter(task: StepTask, part: int) -> BudgetMeter | None:
+    """This partition's share of the query's budgets (a zero share for an unknown id)."""
+    if task.budgets is None:
+        return None
+    if 0 <= part < len(task.budgets):
+        share = task.budgets[part]
+    else:
+        active = task.budgets[0] if task.budgets else Budget(max_calls=0)
+        share = dataclasses.replace(active, **{n: 0 for n in BUDGET_NAMES
+                                               if getattr(active, n) is not None})
+    return BudgetMeter(share, lambda _model: task.price, scope=f"partition {part}'s share")
+
+
+def _failure(exc: LLMSQLError) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    if isinstance(exc, BudgetExceeded):
+        out.update(budget=exc.budget, limit=exc.limit, used=exc.used)
+    return out
+
+
+def _report(task: StepTask, part: int, rows: int, inputs: pa.Table,
+            done: _Attempt | None) -> dict[str, Any]:
+    """The statistics row's content (``done`` is None when the partition failed)."""
     lead: list[str] | None = None
-    if task.lead is not None and task.lead in inputs.column_names:
+    if done is not None and task.lead is not None and task.lead in inputs.column_names:
         from llmsql.executors.llm_step import render_column
 
         lead = sorted(set(render_column(inputs.column(task.lead))))[:LEAD_VALUES_REPORTED]
-    report = {
-        "stats": dataclasses.asdict(stats),
-        "partition": ctx.partitionId() if ctx is not None else -1,
+    worker = None
+    if done is not None and done.backend.built:
+        worker = dataclasses.asdict(cast(WorkerClient, done.backend.backend()).stats())
+    return {
+        "stats": dataclasses.asdict(done.stats) if done is not None else {},
+        "partition": part,
         "rows": rows,
         "executor": f"{socket.gethostname()}:{executor_jvm()[0]}",
-        "worker": dataclasses.asdict(backend.stats()),
+        "worker": worker,
         "lead": lead,
+        "model_id": done.backend.model_id() if done is not None else None,
+        "notes": [],
+        "used": None,
+        "error": None,
     }
-    return json.dumps(report, default=str)
+
+
+def _answer(task: StepTask, part: int, rows: int, inputs: pa.Table,
+            ) -> tuple[pa.Table | None, dict[str, Any]]:
+    """Answer one partition: its lookup (None when it failed) and its report."""
+    cache, cache_note = _open_cache(task.cache_path)
+    meter = _meter(task, part)
+    done: _Attempt | None = None
+    failure: dict[str, Any] | None = None
+    try:
+        done = _run(task.call, inputs, task.spec, task.rule_ctx, task.on_error, cache=cache,
+                    known=task.known, budget=meter)
+    except REPORTED_ERRORS as exc:
+        failure = _failure(exc)
+    finally:
+        if cache is not None:
+            cache.close()
+    report = _report(task, part, rows, inputs, done)
+    report["error"] = failure
+    report["used"] = dataclasses.asdict(meter.used) if meter is not None else None
+    if cache_note is not None:
+        report["notes"].append(cache_note)
+    if cache is not None and cache.write_errors:
+        report["notes"].append(f"result cache: {cache.write_errors} write(s) to {cache.path} "
+                               f"failed on {socket.gethostname()}")
+    return (done.lookup if done is not None else None), report
 
 
 def answer_partition(task: StepTask, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     """``mapInArrow`` body: answer one partition; yield its lookup rows, then a stats row.
 
-    The whole partition is answered at once, so the optimizer orders all of its rows.
+    The whole partition is answered at once, so the optimizer orders all of its rows. A
+    failure a retry would only repeat (:data:`REPORTED_ERRORS`: a budget share exceeded,
+    ``on_error = 'fail'``, a prompt too long) is reported in the statistics row, with what
+    the task spent, and raised by the driver: Spark does not retry it, so nothing is paid
+    twice.
     """
     collected = list(batches)
     if not collected or not any(b.num_rows for b in collected):
@@ -411,16 +548,16 @@ def answer_partition(task: StepTask, batches: Iterator[pa.RecordBatch]) -> Itera
             else table.num_rows)
     original = table.select(_step_columns(task.call, table.column_names))
     inputs = local_timestamps(original, task.time_zone)
-    lookup, stats, backend = _run(task.call, inputs, task.spec, task.rule_ctx,
-                                  task.on_error)
-    lookup = restore_keys(task.call, original, inputs, lookup)
-    names = [f.name for f in task.out_schema if f.name != STATS_COL]
-    body = lookup.select(names).cast(pa.schema([task.out_schema.field(n) for n in names]))
-    body = body.append_column(task.out_schema.field(STATS_COL),
-                              pa.nulls(body.num_rows, pa.string()))
-    yield from body.to_batches()
+    lookup, report = _answer(task, _partition_id(), rows, inputs)
+    if lookup is not None:
+        lookup = restore_keys(task.call, original, inputs, lookup)
+        names = [f.name for f in task.out_schema if f.name != STATS_COL]
+        body = lookup.select(names).cast(pa.schema([task.out_schema.field(n) for n in names]))
+        body = body.append_column(task.out_schema.field(STATS_COL),
+                                  pa.nulls(body.num_rows, pa.string()))
+        yield from body.to_batches()
     row = [pa.nulls(1, f.type) for f in task.out_schema if f.name != STATS_COL]
-    row.append(pa.array([_stats_json(task, stats, rows, inputs, backend)], pa.string()))
+    row.append(pa.array([json.dumps(report, default=str)], pa.string()))
     yield pa.RecordBatch.from_arrays(row, schema=task.out_schema)
 
 
@@ -449,7 +586,7 @@ def answer_column(task: ColumnTask, arrays: Sequence[pa.Array]) -> pa.Array:
         pa.table({f"{ARG_PREFIX}{j}": a for j, a in enumerate(arrays)}), task.time_zone)
     keep = distinct_rows(table, table.column_names)
     uniq = table.take(pa.array(keep, type=pa.int64()))
-    lookup, _, _ = _run(task.call, uniq, task.spec, task.rule_ctx)
+    lookup = _run(task.call, uniq, task.spec, task.rule_ctx).lookup
     answers = dict(zip(_row_keys(lookup.drop_columns([RESULT_COL])),
                        lookup.column(RESULT_COL).to_pylist(), strict=True))
     values = [answers.get(k) for k in _row_keys(table)]
@@ -460,7 +597,7 @@ def answer_group(task: ColumnTask, arrays: Sequence[pa.Array]) -> Any:
     """Grouped-aggregate Arrow UDF body: one LLM_AGG answer for one group's rows."""
     table = local_timestamps(
         pa.table({f"{ARG_PREFIX}{j}": a for j, a in enumerate(arrays)}), task.time_zone)
-    lookup, _, _ = _run(task.call, table, task.spec, task.rule_ctx)
+    lookup = _run(task.call, table, task.spec, task.rule_ctx).lookup
     values = lookup.column(RESULT_COL).to_pylist()
     return values[0] if values else None
 

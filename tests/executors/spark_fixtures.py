@@ -1,10 +1,14 @@
-"""Spark test helpers: a real SparkSession per test module (``local[2]`` or ``local-cluster``)."""
+"""Spark test helpers: a real SparkSession per test module (``local[2]`` or ``local-cluster``),
+or a real Spark Connect server and a client session attached to it."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,86 @@ def spark_session(master: str, **conf: str) -> Iterator[Any]:
             builder = builder.config(key, value)
         spark = builder.getOrCreate()
         spark.sparkContext.setLogLevel("ERROR")
+        try:
+            yield spark
+        finally:
+            spark.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_for_port(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").splitlines()[-20:]
+            pytest.fail("the Spark Connect server exited:\n" + "\n".join(tail))
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.2)
+    pytest.fail(f"the Spark Connect server did not listen on port {port} in {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def connect_server(master: str, log: Path, **conf: str) -> Iterator[str]:
+    """A Spark Connect server on ``master`` in its own JVM, on a free port; yields its URL.
+
+    Started as ``$SPARK_HOME/sbin/start-connect-server.sh --wait`` starts it (spark-submit of
+    the server class, in the foreground, from a neutral folder), bound to 127.0.0.1, with
+    executors that import this checkout. Its log goes to ``log``; it is stopped (SIGTERM,
+    then SIGKILL) after.
+    """
+    pyspark = pytest.importorskip("pyspark",
+                                  reason="pyspark is not installed (pip install '.[spark]')")
+    home = os.environ.get("SPARK_HOME") or os.path.dirname(pyspark.__file__)
+    port = _free_port()
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    settings = {"spark.connect.grpc.binding.address": "127.0.0.1",
+                "spark.connect.grpc.binding.port": str(port), "spark.ui.enabled": "false",
+                "spark.ui.showConsoleProgress": "false", "spark.sql.shuffle.partitions": "4",
+                "spark.executorEnv.PYTHONPATH": path, **conf}
+    cmd = [os.path.join(home, "bin", "spark-submit"), "--class",
+           "org.apache.spark.sql.connect.service.SparkConnectServer", "--master", master,
+           "--name", "llmsql-tests-connect"]
+    for key, value in settings.items():
+        cmd += ["--conf", f"{key}={value}"]
+    # Connect runs Python UDFs with the server's PYSPARK_PYTHON and environment (no
+    # spark.pyspark.python, no executorEnv in local mode): the executors import this checkout
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
+           "PYSPARK_DRIVER_PYTHON": sys.executable, "PYTHONPATH": path}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=log.parent, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        _wait_for_port(proc, port, log, timeout=180)
+        yield f"sc://localhost:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+
+
+@contextlib.contextmanager
+def connect_session(url: str) -> Iterator[Any]:
+    """A Spark Connect client session on ``url``; stopped after.
+
+    pyspark marks the whole process as a Connect client (``SPARK_CONNECT_MODE_ENABLED``) and
+    leaves the mark after ``stop()``; it is removed after, so later classic sessions of the
+    same test process start normally.
+    """
+    from pyspark.sql import SparkSession
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPARK_CONNECT_MODE_ENABLED", "1")
+        spark = SparkSession.builder.remote(url).getOrCreate()
         try:
             yield spark
         finally:

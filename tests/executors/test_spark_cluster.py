@@ -83,3 +83,22 @@ def test_prefix_groups_stay_in_one_partition_and_tokens_are_balanced(
     tokens = [r.prompt_tokens for r in reports]
     rows = [r.rows for r in reports]
     assert max(tokens) / (sum(tokens) / PARTITIONS) < 1.35, (tokens, rows)
+
+
+def test_both_executors_share_one_result_cache(con: llmsql.Session, tmp_path: Any) -> None:
+    """Tasks in two executor JVMs (and their Python workers) write one SQLite file at once;
+    a re-run -- or a retried task -- answers from it without attaching to any worker."""
+    spark = con.executor.spark  # type: ignore[attr-defined]
+    with llmsql.connect(backend="transformers", engine="spark", spark=spark, threads=1,
+                        idle_timeout=120, cache=tmp_path / "c.sqlite", progress=False) as cached:
+        cached.register("movies", movies_table())
+        first = cached.sql(FILTER)
+        again = cached.sql(FILTER)
+        reports = [r for r in cached.executor.reports  # type: ignore[attr-defined]
+                   if r.call_id == again.stats.calls[-1].call_id]
+    assert len({r.executor for r in cached.executor.reports}) == 2  # type: ignore[attr-defined]
+    assert first.stats.calls[-1].sent == 32 and first.stats.calls[-1].from_cache == 0
+    assert again.stats.calls[-1].sent == 0 and again.stats.calls[-1].from_cache == 32
+    assert {r.worker_pid for r in reports} == {0}  # no task needed a worker
+    assert sorted(again.arrow().column("id").to_pylist()) == sorted(
+        first.arrow().column("id").to_pylist())
