@@ -50,6 +50,24 @@ def decode_estimate(run: dict[str, Any], syn: dict[str, float]) -> float:
     return math.ceil(run["prompts"] / syn["decode_batch"]) * per_prompt * syn["decode_step_s"]
 
 
+def profile(run: dict[str, Any]) -> dict[str, Any]:
+    """Where a run's time went, from vLLM's counters and llmsql's per-call trace."""
+    m = run.get("vllm_metrics") or {}
+    p = run.get("profile") or {}
+    steps = run.get("engine_steps")
+    return {
+        "wall_s": run["wall_s"], "engine_s": run["engine_s"],
+        "engine_steps": steps,
+        "tokens_per_step": run.get("tokens_per_step"),
+        "output_tokens_per_step": run["output_tokens"] / steps if steps else None,
+        "ms_per_step": 1000 * run["engine_s"] / steps if steps else None,
+        "preemptions": m.get("num_preemptions"),
+        "engine_calls": p.get("generate_calls", 0) + p.get("warmup_calls", 0),
+        "warmup_only_calls": p.get("warmup_calls"),
+        "uncached_tokens": run["prompt_tokens"] - run["cached_tokens"],
+    }
+
+
 def section(on: dict[str, Any], off: dict[str, Any] | None, ceiling: float | None
             ) -> dict[str, Any]:
     syn = on["synthetic"]
@@ -90,6 +108,11 @@ def section(on: dict[str, Any], off: dict[str, Any] | None, ceiling: float | Non
             "prefill_tokens_per_s": unc_op / max(1e-9, op["engine_s"] - decode_estimate(op, syn)),
             "decode_tokens_per_s": op["output_tokens"] / max(1e-9, op["engine_s"]),
         }
+        row["profile"] = {name: profile(run) for name, run in runs.items()}
+        if nc:
+            row["profile"]["no_cache"] = profile(nc)
+        if "optimized_no_warmups" in runs:
+            row["optimized_no_warmups_s"] = runs["optimized_no_warmups"]["wall_s"]
         if ceiling:
             compute = unc_op * 2 * on["params"] / (ceiling * 1e12)
             prefill_time = max(1e-9, op["engine_s"] - decode_estimate(op, syn))
@@ -114,9 +137,12 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{doc.get('full_cache_kv_tokens') or 'the engine default at 0.85 memory'} (bottom)",
         "- slices: first N rows by key; "
         + ", ".join(f"{t} {n:,}" for t, n in doc["rows"].items() if n),
-        "- three configurations per workload, one engine each: no prefix cache + table order; "
-        "prefix cache + rows shuffled (seed 0); prefix cache + llmsql's plan. Prefix cache "
-        "reset before every run; llmsql's result cache off.",
+        "- three configurations per workload: no prefix cache + table order (its own engine); "
+        "prefix cache + rows shuffled (seed 0); prefix cache + llmsql's plan (these two in one "
+        "engine, side by side). The baselines are plain vLLM: llmsql neither reorders nor "
+        "warms prefixes for them. Prefix cache reset before every run; llmsql's result cache "
+        "off; LLM_FILTER decoded in one step (the choices' first tokens) in every "
+        "configuration.",
         "",
     ]
     for title, key in (("Capped cache (targets)", "workloads"), ("Full cache", "full_cache")):
@@ -138,6 +164,25 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"({100 * r['speedup_share_of_token_bound']:.0f}%) | {vs} | {paper} | "
                 f"{100 * r['overhead_share']:.1f}% |")
         lines.append("")
+    lines += ["## Profile (capped cache): where the time goes", "",
+              "From vLLM's own counters (`log_stats`: engine steps, tokens computed per step, "
+              "preemptions) and llmsql's per-call trace (engine calls; warm-up-only calls are "
+              "the first window's prefixes).", "",
+              "| wl | run | wall s | engine steps | ms/step | computed tokens/step | output "
+              "tokens/step | preemptions | engine calls | uncached tokens |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for wid, r in doc["workloads"].items():
+        for name, p in r["profile"].items():
+            if p["engine_steps"] is None:
+                continue
+            lines.append(
+                f"| {wid} | {name} | {p['wall_s']:.2f} | {p['engine_steps']:,.0f} | "
+                f"{p['ms_per_step']:.1f} | {p['tokens_per_step']:,.0f} | "
+                f"{p['output_tokens_per_step']:,.0f} | {p['preemptions'] or 0:,.0f} | "
+                f"{p['engine_calls']} | {p['uncached_tokens']:,} |")
+    lines.append("")
+    if doc.get("notes_md"):
+        lines += [doc["notes_md"].rstrip(), ""]
     return "\n".join(lines)
 
 
@@ -172,6 +217,7 @@ def main() -> None:
     ap.add_argument("--capped-off", required=True)
     ap.add_argument("--full-on", required=True)
     ap.add_argument("--full-off")
+    ap.add_argument("--notes", help="a Markdown file appended to gpu.md (the analysis)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     a = ap.parse_args()
     con, coff, fon, foff = (load(p) for p in (a.capped_on, a.capped_off, a.full_on, a.full_off))
@@ -187,10 +233,13 @@ def main() -> None:
         "full_cache": section(fon, foff, ceiling),
         "notes": "no_cache_s in full_cache is null when the full-cache engine was not run "
                  "without prefix caching (see gpu.md)",
+        "raw": {"capped_on": a.capped_on, "capped_off": a.capped_off, "full_on": a.full_on,
+                "full_off": a.full_off},
     }
+    notes = Path(a.notes).read_text() if a.notes else ""
     out = Path(a.out)
     (out / "gpu.json").write_text(json.dumps(doc, indent=1))
-    (out / "gpu.md").write_text(markdown(doc))
+    (out / "gpu.md").write_text(markdown({**doc, "notes_md": notes}))
     chart(doc, out / "gpu.png")
     print(markdown(doc))
 
