@@ -214,7 +214,8 @@ class Session:
 
     def _rule_ctx(self, backend: LLMBackend) -> RuleContext:
         caps = backend.capabilities
-        concurrent = caps.prefix_caching and not caps.batch_prefix_sharing
+        concurrent = caps.scheduler_batching or (caps.prefix_caching
+                                                  and not caps.batch_prefix_sharing)
         size = self._batch_size or (2048 if concurrent else 64)
         return RuleContext(capabilities=caps, batch_size=size, reorder=self._optimize,
                            warm=self._warm)
@@ -420,7 +421,9 @@ def connect(
         progress: show a progress bar (None: when stderr is a terminal).
         optimize: reorder rows and fields for prefix-cache reuse.
         warm_prefixes: on engines that run requests concurrently, send each shared prefix
-            alone before its group (the ``warm_prefixes`` rule).
+            alone before its group where the engine does not share it within a batch, and
+            keep windows of long answers within the engine's cache (the ``warm_prefixes``
+            rule).
         batch_size: prompts handed to the backend at a time (default: 2048 for engines that
             run a batch's requests concurrently, such as vLLM; 64 otherwise).
         dry_run: answer with fixed valid answers and never load a model (cost estimation).

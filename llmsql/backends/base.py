@@ -55,6 +55,9 @@ class Capabilities:
     batch_prefix_sharing: bool = False
     """A batch's shared prefix is computed once even when its requests arrive together (no
     cache warm-up needed)."""
+    scheduler_batching: bool = False
+    """The engine schedules a batch's requests itself (continuous batching, as vLLM does):
+    large batches keep it busy."""
 
 
 @dataclass(frozen=True, slots=True)

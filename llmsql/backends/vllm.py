@@ -180,6 +180,10 @@ class VLLMEngine:
             json_schema=True,
             max_model_len=config.model_config.max_model_len,
             reports_cached_tokens=True,
+            # vLLM caches a prompt's blocks when it schedules them, so requests scheduled in
+            # the same step already share them: no warm-ups needed
+            batch_prefix_sharing=True,
+            scheduler_batching=True,
             block_size=config.cache_config.block_size,
             cache_tokens=_cache_tokens(config),
         )

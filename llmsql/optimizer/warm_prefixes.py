@@ -18,10 +18,14 @@ engine admits more rows than its cache can grow and preempts (recomputes) them: 
 with a 40,000-token cache, 5,000 rows of 48-token answers in 2,048-row calls preempted
 about 2,000 times.
 
+Engines that share a prefix between requests of one batch by themselves
+(``batch_prefix_sharing``: vLLM caches a prompt's blocks when it schedules them, so a
+request scheduled in the same step reuses them) get the windows but no warm-ups: on an H100
+with vLLM 0.26, warm-ups left the uncached tokens unchanged and added a request each.
+
 Invariant: the send order and the multiset of prompts are unchanged; only batch bounds and
-warm-ups are set. Applies only to backends that cache prefixes across requests but compute
-a batch's requests concurrently (``prefix_caching and not batch_prefix_sharing``). Assumes
-``reorder_prompts`` made groups contiguous.
+warm-ups are set. Applies only to backends that cache prefixes across requests
+(``prefix_caching``). Assumes ``reorder_prompts`` made groups contiguous.
 """
 
 from __future__ import annotations
@@ -41,8 +45,12 @@ LONG_ANSWER_TOKENS = 8
 def warm_prefixes(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
     """Windows of whole groups, each with one warm-up per shared prefix."""
     caps = ctx.capabilities
-    if not ctx.warm or not caps.prefix_caching or caps.batch_prefix_sharing:
+    if not ctx.warm or not caps.prefix_caching:
         return batch
+    answer = batch.call.options.max_tokens or REGISTRY[batch.call.kind].default_max_tokens
+    long_answers = answer >= LONG_ANSWER_TOKENS and caps.cache_tokens is not None
+    if caps.batch_prefix_sharing and not long_answers:
+        return batch  # nothing to warm and nothing to bound
     order = batch.send_order()
     if len(order) < 2:
         return batch
@@ -54,8 +62,7 @@ def warm_prefixes(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
         return batch  # (with its prompts rendered: later rules and the executor reuse them)
     cache = caps.cache_tokens or 1 << 62
     budget = cache // 4 * CHARS_PER_TOKEN
-    answer = batch.call.options.max_tokens or REGISTRY[batch.call.kind].default_max_tokens
-    own_budget = cache // 2 if answer >= LONG_ANSWER_TOKENS else 1 << 62
+    own_budget = cache // 2 if long_answers else 1 << 62
     bounds: list[int] = []
     warmups: list[tuple[int, int]] = []
     size = warm = own = 0
@@ -68,7 +75,8 @@ def warm_prefixes(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
             size = warm = own = 0
         if shared:
             warm += shared
-            warmups.append((order[a], shared))
+            if not caps.batch_prefix_sharing:
+                warmups.append((order[a], shared))
         for k, kv in enumerate(own_kv, a):
             if own and own + kv > own_budget:  # a large group goes on in a new window; its
                 bounds.append(k)  # prefix, just computed, is still cached

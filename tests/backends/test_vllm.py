@@ -50,6 +50,7 @@ def test_capabilities(vllm_backend: VLLMBackend) -> None:
     caps = vllm_backend.capabilities
     assert caps.prefix_caching and caps.constrained_choice and caps.json_schema
     assert caps.reports_cached_tokens
+    assert caps.batch_prefix_sharing and caps.scheduler_batching  # see below
     assert caps.max_model_len == 1024
     assert caps.block_size > 0
     assert vllm_backend.name == "vllm"
@@ -157,6 +158,18 @@ def test_shared_prefix_reports_cached_tokens(vllm_backend: VLLMBackend) -> None:
     assert first[0].cached_tokens == 0  # cold cache
     assert all(r.cached_tokens >= block and r.cached_tokens % block == 0 for r in rest)
     assert vllm_backend.stats().cached_tokens - before == sum(r.cached_tokens for r in rest)
+
+
+@pytest.mark.vllm
+def test_requests_of_one_batch_share_their_prefix(vllm_backend: VLLMBackend) -> None:
+    """vLLM caches a prompt's blocks when it schedules them, so requests sent together (and
+    scheduled in one step) reuse a shared prefix without a warm-up (batch_prefix_sharing)."""
+    assert vllm_backend.reset_prefix_cache()
+    block = vllm_backend.capabilities.block_size
+    prompts = [f"{SHARED_PREFIX}\nRecord {i}: film number {i}. Genre?" for i in range(5)]
+    out = vllm_backend.generate([Request(p, max_tokens=2) for p in prompts])
+    assert out[0].cached_tokens == 0
+    assert all(r.cached_tokens >= block for r in out[1:]), [r.cached_tokens for r in out]
 
 
 @pytest.mark.vllm

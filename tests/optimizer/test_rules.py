@@ -119,6 +119,23 @@ def test_warm_prefixes_windows_keep_long_answers_kv_within_half_the_cache(
         assert max(sizes) * 48 > 2000
 
 
+def test_engines_sharing_prefixes_in_a_batch_get_kv_windows_but_no_warm_ups() -> None:
+    caps = Capabilities(prefix_caching=True, block_size=16, cache_tokens=4000,
+                        batch_prefix_sharing=True, scheduler_batching=True)
+    ctx = RuleContext(capabilities=caps, batch_size=10_000)
+    b = movies(600)
+    long = dataclasses.replace(b, call=dataclasses.replace(
+        b.call, options=dataclasses.replace(b.call.options, max_tokens=48)))
+    w = warm_prefixes(reorder_prompts(dedup_prompts(long, ctx), ctx), ctx)
+    edges = [*w.batches, len(w.send_order())]
+    assert w.warmups == () and len(edges) > 8
+    assert max(hi - lo for lo, hi in zip(edges, edges[1:])) * 48 <= 2000
+    short = dataclasses.replace(long, call=dataclasses.replace(
+        long.call, options=dataclasses.replace(long.call.options, max_tokens=2)))
+    r = reorder_prompts(dedup_prompts(short, ctx), ctx)
+    assert warm_prefixes(r, ctx) is r
+
+
 def test_warm_prefixes_is_skipped_where_batches_share_prefixes() -> None:
     ctx = RuleContext(capabilities=SHARING)
     r = reorder_prompts(dedup_prompts(movies(), ctx), ctx)
