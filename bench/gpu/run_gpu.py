@@ -220,8 +220,8 @@ def main() -> None:  # noqa: PLR0915
     ap.add_argument("--kv-gb", type=float, default=1.0)
     ap.add_argument("--probe", type=int, default=400, help="prompts in the prefill probe")
     ap.add_argument("--ablate", default="",
-                    help="workloads that also run the optimized plan without prefix warm-ups "
-                         "(comma-separated ids)")
+                    help="workloads that also run the optimized plan with the warm_prefixes rule "
+                         "off (comma-separated ids)")
     ap.add_argument("--rows", type=int, default=None,
                     help="only the first N rows of every table (smoke tests)")
     ap.add_argument("--choice-decoding", default="first_token",
