@@ -25,7 +25,8 @@ RULES: tuple[Rule, ...] = (
     dedup_prompts,
     # Then choose row and field order over the distinct prompts (needs dedup's reps).
     reorder_prompts,
-    # Needs contiguous prefix groups: sends one leader per group ahead of its members.
+    # Needs contiguous prefix groups: windows that fit the engine's cache, and one warm-up
+    # per shared prefix where the engine does not share prefixes within a batch.
     warm_prefixes,
     # Last: cut the final send order into batches without changing it (keeps waves).
     batch_by_length,
