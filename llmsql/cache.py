@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import pathlib
+import random
 import sqlite3
 import threading
 import time
@@ -211,15 +212,27 @@ class ResultCache:
     def _connect(self) -> sqlite3.Connection:
         if self._con is None:
             _create_private_file(self.path)
-            try:
-                con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
-                                      isolation_level=None, check_same_thread=False)
-                self._init_schema(con)
-            except sqlite3.DatabaseError as exc:
-                raise ConfigError(
-                    f"the result cache {str(self.path)!r} cannot be used: {exc}; delete the "
-                    "file (it only holds answers that can be recomputed) or pass cache=False"
-                ) from None
+            deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+            while True:
+                con = None
+                try:
+                    con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
+                                          isolation_level=None, check_same_thread=False)
+                    self._init_schema(con)
+                    break
+                except sqlite3.DatabaseError as exc:
+                    if con is not None:
+                        con.close()
+                    # switching a new file to WAL takes an exclusive lock that SQLite does not
+                    # wait for: processes opening it at once (Spark tasks) retry
+                    if _locked(exc) and time.monotonic() < deadline:
+                        time.sleep(0.02 + random.random() * 0.08)
+                        continue
+                    raise ConfigError(
+                        f"the result cache {str(self.path)!r} cannot be used: {exc}; delete "
+                        "the file (it only holds answers that can be recomputed) or pass "
+                        "cache=False"
+                    ) from None
             self._con = con
         return self._con
 
@@ -338,6 +351,12 @@ class ResultCache:
             self._connect().execute(
                 "INSERT OR REPLACE INTO backends VALUES (?, ?, ?)", (model, text, time.time())
             )
+
+
+def _locked(exc: sqlite3.DatabaseError) -> bool:
+    """Whether ``exc`` is SQLite's "database is locked" / "busy" (another process holds it)."""
+    return isinstance(exc, sqlite3.OperationalError) and any(
+        w in str(exc).lower() for w in ("locked", "busy"))
 
 
 def _create_private_file(path: pathlib.Path) -> None:
