@@ -158,8 +158,7 @@ def open_session(spark: Any) -> tuple[SparkSession, bool]:
         active = SparkSession.getActiveSession()
         remote = isinstance(spark, str) and spark.startswith("sc://")
         # pyspark hands out the active Connect session for any sc:// URL: use it, do not own it
-        connect = type(active).__module__.startswith("pyspark.sql.connect")
-        if active is not None and (not remote or connect):
+        if active is not None and (not remote or is_connect(active)):
             return active, False
         return (_build_session(spark) if spark else SparkSession.builder.getOrCreate()), True
     if hasattr(spark, "sql") and hasattr(spark, "createDataFrame"):

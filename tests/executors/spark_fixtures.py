@@ -13,9 +13,89 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
+import llmsql
+from tests.answers import RuleBackend
+
 ROOT = Path(__file__).resolve().parents[2]
+
+# ---- the tables and queries the Spark tests share (classic and Connect) ------------------------
+
+REVIEWS = pd.DataFrame({
+    "id": [1, 2, 3, 4, 5, 6],
+    "movie": ["Up", "Up", "Heat", "Heat", "Heat", None],
+    "genre": ["animation", "animation", "crime", "crime", "crime", "drama"],
+    "review": ["Great fun", "Too sweet", "Tense", "Great fun", "Long", "Odd"],
+    "stars": [5, 2, 4, 5, 3, 1],
+})
+MOVIES = pd.DataFrame({"movie": ["Up", "Heat"], "year": [2009, 1995]})
+MODEL = {"backend": "transformers", "threads": 1, "batch_size": 1, "idle_timeout": 120,
+         "cache": False, "progress": False}
+"""Session options for the real embedded model (one prompt per batch, so that batch
+composition cannot change a near-tie between engines)."""
+
+# One field per prompt: with several appended fields the optimizer may choose another field
+# order per row depending on the other rows of the batch -- a Spark partition is not the
+# whole table -- and the model may answer a reordered prompt differently. Multi-field
+# semantics are covered with the order-independent rule function.
+FILTER = "Is the review positive?"
+MAP = "In three words, what does the review say?"
+MODEL_QUERIES = {
+    "filter": f"SELECT id FROM reviews WHERE LLM_FILTER('{FILTER}', review)",
+    "map": f"SELECT id, LLM('{MAP}', review, max_tokens => 4) AS s FROM reviews",
+    "classify": "SELECT LLM_CLASSIFY('Sentiment?', labels => ['positive', 'negative'], review) "
+                "AS k, COUNT(*) AS n FROM reviews GROUP BY k",
+    "extract": "SELECT id, LLM_EXTRACT('Give the review as JSON with its first word.', "
+               "schema => 'word VARCHAR', review, max_tokens => 12) AS e FROM reviews",
+    "agg": "SELECT movie, LLM_AGG('Summarize the reviews.', review, max_tokens => 4) AS n "
+           "FROM reviews GROUP BY movie",
+}
+
+
+SHAPES = [  # query shapes, answered by the rule function
+    "SELECT id FROM reviews WHERE LLM_FILTER('Good?', review)",
+    "SELECT id, LLM('Say', movie, review) AS s FROM reviews WHERE stars >= 4",
+    ("SELECT movie, SUM(CAST(LLM_FILTER('Good?', review) AS INT)) AS n FROM reviews "
+    "GROUP BY movie"),
+    ("SELECT LLM_CLASSIFY('Kind', labels => ['long', 'short'], review) AS k, COUNT(*) AS n "
+    "FROM reviews GROUP BY k"),
+    ("SELECT movie, LLM_AGG('Count the reviews', review) AS n FROM reviews "
+    "WHERE movie IS NOT NULL GROUP BY movie"),
+    "SELECT LLM_AGG('Count the reviews', review) AS n FROM reviews",
+    ("SELECT id FROM (SELECT id, LLM_EXTRACT('Extract json', schema => 'word VARCHAR, "
+    "n INTEGER', review) AS e FROM reviews) WHERE e.n > 5"),
+    """WITH good AS (SELECT id, movie FROM reviews WHERE LLM_FILTER('Good?', review))
+       SELECT g.id, m.year FROM good AS g JOIN movies AS m ON g.movie = m.movie
+       WHERE g.id IN (SELECT id FROM reviews WHERE LLM_FILTER('Good?', genre, review))""",
+    ("SELECT r.id, LLM('Say', m.year, r.review) AS s FROM reviews r JOIN movies m "
+    "USING (movie) WHERE r.id < 3"),
+    "SELECT movie, LLM('Say', movie) AS d FROM reviews GROUP BY movie",
+    "SELECT id, LLM('Say', LLM('Say', review)) AS d FROM reviews",
+    "SELECT * FROM reviews WHERE LLM_FILTER('Good?', review) AND stars > 2",
+]
+
+
+def with_tables(con: Any) -> Any:
+    """``con`` with REVIEWS and MOVIES registered."""
+    con.register("reviews", REVIEWS)
+    con.register("movies", MOVIES)
+    return con
+
+
+@contextlib.contextmanager
+def rule_sessions(spark: Any) -> Iterator[tuple[Any, Any]]:
+    """A DuckDB and a Spark session answered by the deterministic rule function, with the
+    shared tables; closed after."""
+    duck = with_tables(llmsql.connect(backend=RuleBackend(), progress=False, cache=False))
+    sp = with_tables(llmsql.connect(backend=RuleBackend(), progress=False, cache=False,
+                                    engine="spark", spark=spark))
+    try:
+        yield duck, sp
+    finally:
+        duck.close()
+        sp.close()
 
 
 @contextlib.contextmanager

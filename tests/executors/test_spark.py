@@ -18,22 +18,20 @@ import pytest
 
 import llmsql
 from llmsql.errors import BudgetExceeded, ConfigError, ExecutionError, PlanError
-from tests.answers import RuleBackend
-from tests.executors.spark_fixtures import multiset, spark_session
+from tests.executors.spark_fixtures import (
+    FILTER,
+    MAP,
+    MODEL,
+    MODEL_QUERIES,
+    REVIEWS,
+    SHAPES,
+    multiset,
+    rule_sessions,
+    spark_session,
+    with_tables,
+)
 
 pytestmark = pytest.mark.spark
-
-REVIEWS = pd.DataFrame({
-    "id": [1, 2, 3, 4, 5, 6],
-    "movie": ["Up", "Up", "Heat", "Heat", "Heat", None],
-    "genre": ["animation", "animation", "crime", "crime", "crime", "drama"],
-    "review": ["Great fun", "Too sweet", "Tense", "Great fun", "Long", "Odd"],
-    "stars": [5, 2, 4, 5, 3, 1],
-})
-MOVIES = pd.DataFrame({"movie": ["Up", "Heat"], "year": [2009, 1995]})
-MODEL = {"backend": "transformers", "threads": 1, "batch_size": 1, "idle_timeout": 120,
-         "cache": False, "progress": False}
-
 
 @pytest.fixture(scope="module")
 def spark() -> Iterator[Any]:
@@ -41,43 +39,12 @@ def spark() -> Iterator[Any]:
         yield s
 
 
-def _tables(con: llmsql.Session) -> llmsql.Session:
-    con.register("reviews", REVIEWS)
-    con.register("movies", MOVIES)
-    return con
-
-
 @pytest.fixture(scope="module")
 def rule_pair(spark: Any) -> Iterator[tuple[llmsql.Session, llmsql.Session]]:
-    duck = _tables(llmsql.connect(backend=RuleBackend(), progress=False, cache=False))
-    sp = _tables(llmsql.connect(backend=RuleBackend(), progress=False, cache=False,
-                                engine="spark", spark=spark))
-    yield duck, sp
-    duck.close()
-    sp.close()
+    with rule_sessions(spark) as pair:
+        yield pair
 
 
-SHAPES = [
-    "SELECT id FROM reviews WHERE LLM_FILTER('Good?', review)",
-    "SELECT id, LLM('Say', movie, review) AS s FROM reviews WHERE stars >= 4",
-    ("SELECT movie, SUM(CAST(LLM_FILTER('Good?', review) AS INT)) AS n FROM reviews "
-    "GROUP BY movie"),
-    ("SELECT LLM_CLASSIFY('Kind', labels => ['long', 'short'], review) AS k, COUNT(*) AS n "
-    "FROM reviews GROUP BY k"),
-    ("SELECT movie, LLM_AGG('Count the reviews', review) AS n FROM reviews "
-    "WHERE movie IS NOT NULL GROUP BY movie"),
-    "SELECT LLM_AGG('Count the reviews', review) AS n FROM reviews",
-    ("SELECT id FROM (SELECT id, LLM_EXTRACT('Extract json', schema => 'word VARCHAR, "
-    "n INTEGER', review) AS e FROM reviews) WHERE e.n > 5"),
-    """WITH good AS (SELECT id, movie FROM reviews WHERE LLM_FILTER('Good?', review))
-       SELECT g.id, m.year FROM good AS g JOIN movies AS m ON g.movie = m.movie
-       WHERE g.id IN (SELECT id FROM reviews WHERE LLM_FILTER('Good?', genre, review))""",
-    ("SELECT r.id, LLM('Say', m.year, r.review) AS s FROM reviews r JOIN movies m "
-    "USING (movie) WHERE r.id < 3"),
-    "SELECT movie, LLM('Say', movie) AS d FROM reviews GROUP BY movie",
-    "SELECT id, LLM('Say', LLM('Say', review)) AS d FROM reviews",
-    "SELECT * FROM reviews WHERE LLM_FILTER('Good?', review) AND stars > 2",
-]
 
 
 @pytest.mark.parametrize("sql", SHAPES, ids=range(len(SHAPES)))
@@ -133,28 +100,10 @@ def test_bad_settings_are_config_errors(spark: Any) -> None:
 
 # ---- the real model, answered on the executors --------------------------------------------
 
-# One field per prompt: with several appended fields the optimizer may choose another field
-# order per row depending on the other rows of the batch -- a Spark partition is not the
-# whole table -- and the model may answer a reordered prompt differently. Multi-field
-# semantics are covered above with the order-independent rule function.
-FILTER = "Is the review positive?"
-MAP = "In three words, what does the review say?"
-MODEL_QUERIES = {
-    "filter": f"SELECT id FROM reviews WHERE LLM_FILTER('{FILTER}', review)",
-    "map": f"SELECT id, LLM('{MAP}', review, max_tokens => 4) AS s FROM reviews",
-    "classify": "SELECT LLM_CLASSIFY('Sentiment?', labels => ['positive', 'negative'], review) "
-                "AS k, COUNT(*) AS n FROM reviews GROUP BY k",
-    "extract": "SELECT id, LLM_EXTRACT('Give the review as JSON with its first word.', "
-               "schema => 'word VARCHAR', review, max_tokens => 12) AS e FROM reviews",
-    "agg": "SELECT movie, LLM_AGG('Summarize the reviews.', review, max_tokens => 4) AS n "
-           "FROM reviews GROUP BY movie",
-}
-
-
 @pytest.fixture(scope="module")
 def model_pair(spark: Any) -> Iterator[tuple[llmsql.Session, llmsql.Session]]:
-    duck = _tables(llmsql.connect(**MODEL))
-    sp = _tables(llmsql.connect(engine="spark", spark=spark, **MODEL))
+    duck = with_tables(llmsql.connect(**MODEL))
+    sp = with_tables(llmsql.connect(engine="spark", spark=spark, **MODEL))
     yield duck, sp
     duck.close()
     sp.close()
@@ -259,7 +208,7 @@ def test_spark_result_never_reruns_llm_calls(
 @pytest.mark.model
 def test_executors_read_and_write_the_result_cache(spark: Any, tmp_path: Any) -> None:
     sql = f"SELECT id FROM reviews WHERE LLM_FILTER('{FILTER} Answer Yes or No.', review)"
-    with _tables(llmsql.connect(engine="spark", spark=spark,
+    with with_tables(llmsql.connect(engine="spark", spark=spark,
                                 **{**MODEL, "cache": tmp_path / "c.sqlite"})) as con:
         first = con.sql(sql)
         assert first.stats.calls[-1].sent == 5 and first.stats.calls[-1].from_cache == 0
@@ -294,7 +243,7 @@ def test_selectivity_sample_answers_are_not_sent_again(
 @pytest.mark.model
 def test_budgets_are_split_over_partitions_and_enforced(spark: Any) -> None:
     sql = "SELECT id, LLM('Name one color.', review, max_tokens => 2) AS c FROM reviews"
-    with _tables(llmsql.connect(engine="spark", spark=spark, **MODEL)) as con:
+    with with_tables(llmsql.connect(engine="spark", spark=spark, **MODEL)) as con:
         before = worker_requests(spark, con)
         con.set("max_calls", 4)
         with pytest.raises(BudgetExceeded, match=r"split over 3 partition\(s\)") as info:
