@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import duckdb
 import pandas as pd
 import pyarrow as pa
 
@@ -159,13 +160,9 @@ def take(data: Any, kind: FrameKind, positions: pa.ChunkedArray) -> Any:
 
 def with_columns(data: Any, kind: FrameKind, columns: Mapping[str, pa.ChunkedArray]) -> Any:
     """``data`` plus (or with replaced) ``columns``, aligned by position."""
-    if kind is FrameKind.PANDAS:
-        series = {}
-        for name, col in columns.items():
-            s = col.to_pandas()
-            s.index = data.index
-            series[name] = s
-        return data.assign(**series)
+    if kind is FrameKind.PANDAS and columns:
+        added = to_pandas(pa.table(dict(columns))).set_axis(data.index)
+        return data.assign(**{name: added[name] for name in columns})
     if kind is FrameKind.POLARS:
         import polars as pl
 
@@ -176,9 +173,70 @@ def with_columns(data: Any, kind: FrameKind, columns: Mapping[str, pa.ChunkedArr
     return data
 
 
-def from_arrow(table: pa.Table, kind: FrameKind) -> Any:
-    if kind is FrameKind.PANDAS:
+def to_pandas(table: pa.Table, /) -> pd.DataFrame:
+    """``table`` as pandas, converted as DuckDB's own ``.df()`` converts a query's result.
+
+    ``Result.df()`` and the DataFrame API's pandas results go through here, so
+    ``Session.sql(q).df()`` equals ``duckdb.sql(q).df()`` on the same data, whatever the
+    engine, under pandas 2 and 3:
+
+    - HUGEINT (DuckDB's type of ``SUM`` over integers, exported to Arrow as
+      ``decimal128(38, 0)``) and DECIMAL become float64, not Python ``Decimal`` objects;
+    - integer and boolean columns with NULLs become pandas' nullable ``Int64``/``boolean``
+      (NULL is ``<NA>``), not float64 with NaN or objects;
+    - a NULL string is pandas' own missing string: None in pandas 2's object dtype, NaN in
+      pandas 3's default ``str`` dtype (as ``pd.DataFrame({"k": [None]})`` gives).
+
+    pyarrow's ``Table.to_pandas`` differs on the first two. Column names are kept exactly
+    as in the Arrow table, and time-zone-aware timestamps in the time zone of their Arrow
+    type (DuckDB exports its session's ``TimeZone``). A table DuckDB cannot convert (no
+    columns, or a type it cannot read, such as ``decimal256``) is converted by pyarrow.
+
+    >>> import pyarrow as pa
+    >>> to_pandas(pa.table({"n": pa.array([3, None], pa.decimal128(38, 0))}))["n"].tolist()
+    [3.0, nan]
+    """
+    if table.num_columns == 0:
         return table.to_pandas()
+    zones = _time_zones(table.schema)
+    con = duckdb.connect()
+    try:
+        frame = con.from_arrow(_without_time_zones(table, zones)).df()
+    except (duckdb.NotImplementedException, duckdb.InvalidInputException):
+        return table.to_pandas()
+    finally:
+        con.close()
+    if list(frame.columns) != table.column_names:  # DuckDB renames duplicates: id, id_1
+        frame.columns = table.column_names
+    for i, zone in zones.items():
+        frame.isetitem(i, frame.iloc[:, i].dt.tz_localize("UTC").dt.tz_convert(zone))
+    return frame
+
+
+def _time_zones(schema: pa.Schema) -> dict[int, str]:
+    """Column position -> time zone, for the time-zone-aware timestamp columns."""
+    return {i: f.type.tz for i, f in enumerate(schema)
+            if pa.types.is_timestamp(f.type) and f.type.tz}
+
+
+def _without_time_zones(table: pa.Table, zones: Mapping[int, str]) -> pa.Table:
+    """``table`` with those timestamps as UTC wall times (the same values, no zone).
+
+    DuckDB would convert them to its connection's ``TimeZone`` (a fresh connection's, not
+    the session's), read nanosecond ones without their zone, and (DuckDB 2.0 under pandas
+    3.1) warn about its own use of ``DataFrame.drop(inplace=True)``.
+    """
+    for i in zones:
+        field = table.schema.field(i)
+        naive = table.column(i).cast(pa.timestamp(field.type.unit))
+        table = table.set_column(i, field.name, naive)
+    return table
+
+
+def from_arrow(table: pa.Table, kind: FrameKind) -> Any:
+    """``table`` as ``kind`` of frame (pandas: as :func:`to_pandas` converts it)."""
+    if kind is FrameKind.PANDAS:
+        return to_pandas(table)
     if kind is FrameKind.POLARS:
         import polars as pl
 

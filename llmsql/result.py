@@ -22,6 +22,7 @@ import pyarrow as pa
 from llmsql.errors import ConfigError
 from llmsql.executors.base import DeferredTable
 from llmsql.executors.llm_step import CallStats
+from llmsql.frames import to_pandas
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -78,8 +79,13 @@ class Result:
         return self._table
 
     def df(self) -> Any:
-        """The result as a pandas DataFrame."""
-        return self.arrow().to_pandas()
+        """The result as a pandas DataFrame, typed as DuckDB's own ``.df()`` types it.
+
+        E.g. ``SUM`` over integers (HUGEINT) is float64 and a NULL string is pandas' missing
+        string (None in pandas 2, NaN in pandas 3's ``str`` dtype); see
+        :func:`llmsql.frames.to_pandas`.
+        """
+        return to_pandas(self.arrow())
 
     def spark(self, session: SparkSession | None = None, /) -> DataFrame:
         """The result as a Spark DataFrame, for further work in Spark.

@@ -109,7 +109,12 @@ def test_groupby_accessor_follows_groupby_options(con: llmsql.Session, df: pd.Da
     assert got["answer"].to_dict() == {"Heat": "3", "Up": "2"}
     kept = df.groupby("movie", sort=False, dropna=False, as_index=False).llm.agg(
         "Count the reviews", "review", column="n", session=con)
-    assert kept.values.tolist() == [["Up", "2"], ["Heat", "3"], [None, "1"]]
+    # The NULL key is pandas' own missing string, as pandas itself builds it from None: None
+    # in pandas 2's object dtype, NaN in pandas 3's default str dtype (the frame's own dtype).
+    want = pd.DataFrame({"movie": ["Up", "Heat", None], "n": ["2", "3", "1"]})
+    pd.testing.assert_frame_equal(kept, want)
+    assert repr(kept.values.tolist()) == repr(want.values.tolist())  # None is not NaN here
+    assert kept["movie"].dtype == df["movie"].dtype
 
 
 def test_agg_over_the_whole_frame_is_one_answer(con: llmsql.Session, df: pd.DataFrame) -> None:
@@ -160,6 +165,33 @@ def test_polars_in_polars_out(con: llmsql.Session, df: pd.DataFrame) -> None:
                                                         session=con)["label"].tolist()
     grouped = llmsql.frame(pdf, session=con).agg("Count the reviews", "review", by="movie")
     assert grouped.rows() == [("Heat", "3"), ("Up", "2")]
+    kept = llmsql.frame(pdf, session=con).agg("Count the reviews", "review", by="movie",
+                                              sort=False, dropna=False)
+    assert kept.rows() == [("Up", "2"), ("Heat", "3"), (None, "1")]  # NULL is polars' null
+    assert kept.schema == pl.Schema({"movie": pl.String, "answer": pl.String})
+
+
+def test_arrow_null_group_key_is_null(con: llmsql.Session, df: pd.DataFrame) -> None:
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    kept = llmsql.frame(table, session=con).agg("Count the reviews", "review", by="movie",
+                                                sort=False, dropna=False)
+    assert kept.to_pylist() == [{"movie": "Up", "answer": "2"}, {"movie": "Heat", "answer": "3"},
+                                {"movie": None, "answer": "1"}]
+
+
+def test_pandas_columns_are_typed_as_in_sql_results(con: llmsql.Session,
+                                                    df: pd.DataFrame) -> None:
+    # Fields the answers lack are NULL: an INTEGER is pandas' nullable Int64 and a BOOLEAN
+    # its nullable boolean (<NA>), as in DuckDB's own .df() and Session.sql(...).df(), not
+    # float64 NaN or None objects (pyarrow's to_pandas).
+    schema = {"word": "VARCHAR", "n": "INTEGER", "lacking": "INTEGER", "flag": "BOOLEAN"}
+    got = df.llm.extract("Extract json", "review", schema=schema, session=con)
+    want = con.sql("SELECT e.* FROM (SELECT id, LLM_EXTRACT('Extract json', schema => "
+                   "'word VARCHAR, n INTEGER, lacking INTEGER, flag BOOLEAN', review) AS e "
+                   "FROM reviews) ORDER BY id").df().set_axis(df.index)
+    pd.testing.assert_frame_equal(got[list(schema)], want)
+    assert [str(got[c].dtype) for c in ("lacking", "flag")] == ["Int64", "boolean"]
+    assert got["lacking"].isna().all() and got["flag"].isna().all()
 
 
 def test_polars_namespace(con: llmsql.Session, df: pd.DataFrame) -> None:

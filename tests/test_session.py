@@ -8,6 +8,7 @@ against DuckDB itself.
 from __future__ import annotations
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 import llmsql
@@ -58,9 +59,20 @@ def test_dedup_evaluates_each_distinct_input_once(con: llmsql.Session, rule: Rul
 
 
 def test_aggregate_over_llm_results_group_by(con: llmsql.Session) -> None:
-    got = rows(con, "SELECT movie, SUM(CAST(LLM_FILTER('Good?', review) AS INT)) AS n "
-                    "FROM reviews GROUP BY movie ORDER BY movie NULLS LAST")
-    assert got == [("Heat", 1), ("Up", 1), (None, 0)]
+    res = con.sql("SELECT movie, SUM(CAST(LLM_FILTER('Good?', review) AS INT)) AS n "
+                  "FROM reviews GROUP BY movie ORDER BY movie NULLS LAST")
+    same = con.duckdb.sql("SELECT movie, SUM(CAST(review LIKE '%Great%' AS INT)) AS n "
+                          "FROM reviews GROUP BY movie ORDER BY movie NULLS LAST")
+    # Typed as DuckDB types its own result: SUM over INT is HUGEINT, decimal128(38, 0) in
+    # Arrow and float64 in DuckDB's .df() (never Python Decimal objects).
+    assert res.arrow().equals(same.to_arrow_table())
+    assert res.arrow().schema.field("n").type == pa.decimal128(38, 0)
+    pd.testing.assert_frame_equal(res.df(), same.df())
+    got = [tuple(r) for r in res.df().itertuples(index=False)]
+    # The NULL key is pandas' own missing string: None in pandas 2's object dtype, NaN in
+    # pandas 3's default str dtype (what pandas itself makes of None in a string column).
+    missing = pd.Series([None, "x"]).tolist()[0]
+    assert repr(got) == repr([("Heat", 1.0), ("Up", 1.0), (missing, 0.0)])
 
 
 def test_group_by_a_classification(con: llmsql.Session) -> None:
