@@ -177,11 +177,13 @@ def to_pandas(table: pa.Table, /) -> pd.DataFrame:
     """``table`` as pandas, converted as DuckDB's own ``.df()`` converts a query's result.
 
     ``Result.df()`` and the DataFrame API's pandas results go through here, so
-    ``Session.sql(q).df()`` equals ``duckdb.sql(q).df()`` on the same data, whatever the
-    engine, under pandas 2 and 3:
+    ``Session.sql(q).df()`` equals ``duckdb.sql(q).df()`` on the same data (but for
+    whole-number decimals, below), whatever the engine, under pandas 2 and 3:
 
+    - DECIMAL becomes float64, not Python ``Decimal`` objects;
     - HUGEINT (DuckDB's type of ``SUM`` over integers, exported to Arrow as
-      ``decimal128(38, 0)``) and DECIMAL become float64, not Python ``Decimal`` objects;
+      ``decimal128(38, 0)``) and other whole-number decimals stay integers: nullable
+      ``Int64`` (Python ints past its range), where DuckDB's own ``.df()`` gives float64;
     - integer and boolean columns with NULLs become pandas' nullable ``Int64``/``boolean``
       (NULL is ``<NA>``), not float64 with NaN or objects;
     - a NULL string is pandas' own missing string: None in pandas 2's object dtype, NaN in
@@ -194,7 +196,7 @@ def to_pandas(table: pa.Table, /) -> pd.DataFrame:
 
     >>> import pyarrow as pa
     >>> to_pandas(pa.table({"n": pa.array([3, None], pa.decimal128(38, 0))}))["n"].tolist()
-    [3.0, nan]
+    [3, <NA>]
     """
     if table.num_columns == 0:
         return table.to_pandas()
@@ -210,7 +212,27 @@ def to_pandas(table: pa.Table, /) -> pd.DataFrame:
         frame.columns = table.column_names
     for i, zone in zones.items():
         frame.isetitem(i, frame.iloc[:, i].dt.tz_localize("UTC").dt.tz_convert(zone))
+    for i, field in enumerate(table.schema):
+        if pa.types.is_decimal(field.type) and field.type.scale == 0:
+            frame.isetitem(i, _whole_numbers(table.column(i)))
     return frame
+
+
+def _whole_numbers(column: pa.ChunkedArray) -> pd.Series:
+    """A scale-0 decimal column (HUGEINT sums) as integers: nullable ``Int64`` where every
+    value fits, else Python ints (never float64, which loses digits past 2**53).
+
+    >>> import pyarrow as pa
+    >>> _whole_numbers(pa.chunked_array([pa.array([3, None], pa.decimal128(38, 0))])).tolist()
+    [3, <NA>]
+    >>> _whole_numbers(pa.chunked_array([pa.array([10**20], pa.decimal128(38, 0))])).tolist()
+    [100000000000000000000]
+    """
+    try:
+        return column.cast(pa.int64()).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+    except pa.ArrowInvalid:  # beyond int64
+        return pd.Series([None if v is None else int(v) for v in column.to_pylist()],
+                         dtype=object)
 
 
 def _time_zones(schema: pa.Schema) -> dict[int, str]:

@@ -174,13 +174,15 @@ def _memo_key(backend: LLMBackend, req: Request) -> tuple[Any, ...]:
 
 
 def _fit(call: LLMCall, prompt: str, values: Sequence[str], backend: LLMBackend,
-         stats: CallStats) -> str:
+         stats: CallStats, env: StepEnv) -> str:
     """Check the prompt fits the context; truncate the longest field if the call allows it."""
     budget = backend.capabilities.max_model_len - (
         call.options.max_tokens or REGISTRY[call.kind].default_max_tokens
     )
     if len(prompt.encode("utf-8")) + TEMPLATE_OVERHEAD_TOKENS <= budget:
         return prompt
+    if _answered(call, prompt, backend, env):
+        return prompt  # it fit when it was answered; counting would need the model
     tokens = backend.count_tokens(prompt)
     if tokens <= budget:
         return prompt
@@ -194,6 +196,13 @@ def _fit(call: LLMCall, prompt: str, values: Sequence[str], backend: LLMBackend,
         )
     stats.truncated += 1
     return _truncate(call, list(values), budget, backend)
+
+
+def _answered(call: LLMCall, prompt: str, backend: LLMBackend, env: StepEnv) -> bool:
+    """Whether ``prompt``, as it stands, has an answer in the query's memo or the result
+    cache."""
+    req = _request(call, prompt, backend)
+    return _memo_key(backend, req) in env.memo or bool(_cache_hits([req], backend, env))
 
 
 def _truncate(call: LLMCall, values: list[str], budget: int, backend: LLMBackend) -> str:
@@ -430,6 +439,32 @@ def _warmup_requests(prefixes: Sequence[str]) -> list[Request]:
     return [Request(p, max_tokens=1) for p in prefixes]
 
 
+def _needed_warmups(call: LLMCall, todo: Sequence[int], prompts: Sequence[str],
+                    warm: dict[int, int], backend: LLMBackend, env: StepEnv) -> dict[int, int]:
+    """The warm-ups (row -> prefix length) whose prefix is shared by a prompt that will be
+    sent: one that neither the query's memo nor the result cache answers. Warming a prefix
+    whose prompts are all answered would reach the backend for nothing (a cached re-run
+    must not need it)."""
+    if not warm:
+        return warm
+    reqs = [_request(call, p, backend) for p in prompts]
+    hits = _cache_hits(reqs, backend, env)
+    sent = {k for k, r in enumerate(reqs)
+            if k not in hits and _memo_key(backend, r) not in env.memo}
+    return {i: warm[i] for k, i in enumerate(todo)
+            if i in warm and _group_sends(prompts, k, prompts[k][: warm[i]], sent)}
+
+
+def _group_sends(prompts: Sequence[str], start: int, head: str, sent: set[int]) -> bool:
+    """Whether a prompt of the run from ``start`` that shares ``head`` is in ``sent``."""
+    for k in range(start, len(prompts)):
+        if not prompts[k].startswith(head):
+            return False
+        if k in sent:
+            return True
+    return False
+
+
 def _count_warmups(out: Sequence[Response], stats: CallStats) -> None:
     stats.warmup_prompts += len(out)
     stats.warmup_tokens += sum(r.prompt_tokens - r.cached_tokens for r in out)
@@ -487,13 +522,13 @@ def run_call(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table
         if env.on_batch is not None:
             env.on_batch(batch, tuple(todo))
         prompts = [
-            _fit(call, batch.prompt(i), [c[i] for c in batch.values], backend, stats)
+            _fit(call, batch.prompt(i), [c[i] for c in batch.values], backend, stats, env)
             for i in todo
         ]
         env.progress.start(len(prompts), call.where)
         t0 = time.perf_counter()
         bounds = _rebound(batch.batches, order, set(answers))
-        warm = dict(batch.warmups)
+        warm = _needed_warmups(call, todo, prompts, dict(batch.warmups), backend, env)
         stepwise = call.stop_after is not None or bool(warm)
         chunks = _chunks(bounds, len(todo), stepwise)
 
@@ -558,7 +593,8 @@ def _lookup(inputs: pa.Table, results: list[Any], call: LLMCall) -> pa.Table:
 
 
 def _groups(call: LLMCall, inputs: pa.Table) -> tuple[list[int], list[list[str]]]:
-    """Group rows by their group keys: first row index per group, and rendered row blocks."""
+    """Group rows by their group keys: first row index per group, and its rendered row blocks
+    in sorted order."""
     n_keys = len(call.group_keys)
     keys = list(zip(*[inputs.column(f"{GROUP_PREFIX}{k}").to_pylist() for k in range(n_keys)],
                     strict=True)) if n_keys else [()] * inputs.num_rows
@@ -570,7 +606,9 @@ def _groups(call: LLMCall, inputs: pa.Table) -> tuple[list[int], list[list[str]]
         first.setdefault(hkey, i)
         row = "".join(f"{f.name}: {c[i]}\n" for f, c in zip(call.fields, cols, strict=True))
         blocks.setdefault(hkey, []).append(row)
-    return list(first.values()), list(blocks.values())
+    # sorted: a group's prompt (and so its answer) must not depend on the table's row order,
+    # its partitioning or the engine
+    return list(first.values()), [sorted(rows) for rows in blocks.values()]
 
 
 def _agg_prompts(instruction: str, rows: list[str], fits: Callable[[str], bool]) -> list[str]:
@@ -621,8 +659,8 @@ def run_agg(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table,
 def _reduce_group(call: LLMCall, prompts: list[str], fits: Callable[[str], bool],
                   backend: LLMBackend, env: StepEnv, stats: CallStats) -> Any:
     for _ in range(16):
-        values = _answer_prompts(call, [_fit(call, p, [], backend, stats) for p in prompts],
-                                 (), backend, env, stats)
+        fitted = [_fit(call, p, [], backend, stats, env) for p in prompts]
+        values = _answer_prompts(call, fitted, (), backend, env, stats)
         if len(values) <= 1:
             return values[0] if values else None
         partial_rows = [f"- {v}\n" for v in values if v]

@@ -5,7 +5,8 @@ same instruction and the same ``name: value`` lines, possibly in another order; 
 with ``{placeholders}`` keeps its field order (rows may still move). The answers the query
 returns never depend on this rule: the final query reads answers by input value, and a user
 ORDER BY is applied by the engine afterwards. Assumes ``dedup_prompts`` ran first, so only
-representatives are ordered.
+representatives are ordered. The choices depend on the set of distinct rows, not on their
+order in the input.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ def reorder_prompts(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
     reps = batch.send_order()
     if not ctx.reorder or len(reps) < 2:
         return batch
+    # the solver sees the rows in one canonical order (by their values), so the field order
+    # it gives a row, and so the row's prompt and answer, depend on the set of distinct rows
+    # only: never on the table's row order, the engine or the batch sizes
+    reps = tuple(sorted(reps, key=lambda i: tuple(col[i] for col in batch.values)))
     template = batch.call.template
     if not template.appended:
         # every field is a placeholder: the order inside the prompt is the user's; sorting

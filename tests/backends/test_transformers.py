@@ -324,3 +324,65 @@ def test_close_frees_the_model() -> None:
     b.close()  # idempotent
     with pytest.raises(BackendError, match="closed"):
         b.generate([Request("hi")])
+
+
+# ------------------------------------------------------------------ batch invariance
+def _beer_requests() -> list[Request]:
+    """28 free-text and 28 Yes/No requests over real ratebeer reviews (shared table)."""
+    import pyarrow.parquet as pq
+
+    from tests.conftest import DATASETS
+
+    table = pq.read_table(DATASETS / "ratebeer_reviews" / "beer_reviews.parquet",
+                          columns=["beer_name", "style", "review"]).slice(0, 28)
+    prompts = [
+        f"Does the reviewer recommend this beer? Answer Yes or No.\nbeer_name: {r['beer_name']}\n"
+        f"style: {r['style']}\nreview: {r['review'][:160]}\n"
+        for r in table.to_pylist()
+    ]
+    return [Request(p, max_tokens=10) for p in prompts] + [
+        Request(p, max_tokens=3, choices=("Yes", "No")) for p in prompts
+    ]
+
+
+def test_invariance_margin_must_be_a_non_negative_number() -> None:
+    for bad in (-1, "x", True, float("nan")):
+        with pytest.raises(ConfigError, match="invariance_margin"):
+            get_backend(BackendSpec.make("transformers", None, invariance_margin=bad))
+
+
+@pytest.mark.model
+def test_batching_changes_logits_by_rounding_only(backend: LLMBackend) -> None:
+    """Why the guard exists: a batched prefill's float32 logits are not bit-equal to a lone
+    prompt's, but within 1e-3 (the guard's 0.02 margin is far outside that)."""
+    import torch
+
+    rows = sorted((backend._encode(i, r) for i, r in enumerate(_beer_requests()[:8])),  # type: ignore[attr-defined]
+                  key=lambda e: e.ids)
+    with torch.inference_mode():
+        together = backend._prefill(rows)[0].logits  # type: ignore[attr-defined]
+        alone = torch.cat([backend._prefill([e])[0].logits for e in rows])  # type: ignore[attr-defined]
+    gap = float((together - alone).abs().max())
+    assert 0 < gap < 1e-3
+
+
+@pytest.mark.model
+def test_answers_do_not_depend_on_batch_size_order_or_neighbours() -> None:
+    """Issue 11: the same prompt gets the same answer whatever its batch size, batch
+    neighbours, padding, prefix group or position (free text and constrained choice)."""
+    import random
+
+    reqs = _beer_requests()
+    answers, reruns = {}, {}
+    for size in (1, 7, 64):
+        b = get_backend(BackendSpec.make("transformers", None, threads=1, batch_size=size))
+        order = list(range(len(reqs)))
+        random.Random(size).shuffle(order)
+        out = b.generate([reqs[i] for i in order])
+        answers[size] = {i: (o.text, o.output_tokens) for i, o in zip(order, out, strict=True)}
+        reruns[size] = b.canonical_reruns  # type: ignore[attr-defined]
+        b.close()
+    assert answers[7] == answers[1]
+    assert answers[64] == answers[1]
+    assert reruns[1] == 0  # one row per batch is the canonical path itself
+    assert reruns[64] > 0  # near-ties occur on real prompts: the guard is what holds this

@@ -190,3 +190,32 @@ def test_warm_prefixes_can_be_switched_off() -> None:
     ctx = RuleContext(capabilities=CONCURRENT, warm=False)
     r = reorder_prompts(dedup_prompts(movies(), ctx), ctx)
     assert warm_prefixes(r, ctx) is r
+
+
+
+def _climate_rows(seed: int) -> list[list[str]]:
+    """400 rows of the shared climate_fever table (claim, article, evidence), shuffled by
+    ``seed``: claims and articles both repeat, so rows get different field orders."""
+    import random
+
+    import pyarrow.parquet as pq
+
+    from tests.conftest import DATASETS
+
+    table = pq.read_table(DATASETS / "climate_fever" / "claim_evidence.parquet",
+                          columns=["claim", "article", "evidence"]).slice(0, 400)
+    rows = list(zip(*[table.column(c).to_pylist() for c in table.column_names], strict=True))
+    random.Random(seed).shuffle(rows)
+    return [list(col) for col in zip(*rows, strict=True)]
+
+
+def test_reorder_gives_each_row_the_same_prompt_whatever_the_input_order() -> None:
+    """A row's field order (so its prompt and its answer) depends on the set of rows only:
+    the same query over shuffled input sends the same prompts (issue 11)."""
+    prompts = []
+    for seed in range(4):
+        b = dedup_prompts(batch_of(_climate_rows(seed), instruction="True?"), RuleContext())
+        r = reorder_prompts(b, RuleContext())
+        assert len(r.field_orders) > 1  # per-row field orders are really in play
+        prompts.append(sorted(r.prompt(i) for i in r.send_order()))
+    assert all(p == prompts[0] for p in prompts[1:])
