@@ -139,6 +139,8 @@ def _session(args: argparse.Namespace, *, dry_run: bool = False, progress: bool 
     cache = False if args.no_cache else args.cache
     if args.master is not None and args.engine != "spark":
         raise ConfigError("--master needs --engine spark")
+    if args.engine == "spark":
+        _quiet_spark()
     con = llmsql.connect(backend=args.backend, model=args.model, dry_run=dry_run,
                          progress=progress, optimize=not args.no_optimize,
                          batch_size=args.batch_size, cache=cache,
@@ -153,6 +155,19 @@ def _session(args: argparse.Namespace, *, dry_run: bool = False, progress: bool 
         con.close()
         raise
     return con
+
+
+def _quiet_spark() -> None:
+    """Keep pyspark's deprecation warnings (such as its pandas version check) off the output.
+
+    The Spark session llmsql builds shows no console progress bars (llmsql's own bar
+    reports the LLM calls) and logs at Spark's WARN level; Spark's few start-up lines are
+    printed by the JVM before any setting applies.
+    """
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module="pyspark")
 
 
 def _check_output(path: str | None) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +85,28 @@ def test_plain_sql_runs_and_writes_each_format(tmp_path: Path) -> None:
         assert (tmp_path / name).stat().st_size > 0
     p = cli("run", "-e", "SELECT COUNT(*) AS n FROM s", "--table", f"s={SAMPLE}", "-o", "-")
     assert p.stdout.splitlines() == ['"n"', "300"]
+
+
+@pytest.mark.spark
+@pytest.mark.model
+def test_spark_run_shows_llmsql_progress_not_sparks(tmp_path: Path) -> None:
+    """``llmsql run --engine spark --progress`` on a 12-row table, answered by the real model
+    on the executors: llmsql's progress line, and no Spark console progress bar (lines such
+    as ``[Stage 3:>   (0 + 2) / 200]``) on stdout or stderr."""
+    pytest.importorskip("pyspark", reason="pyspark is not installed (pip install '.[spark]')")
+    import pandas as pd
+
+    table = tmp_path / "twelve.csv"
+    pd.DataFrame({"id": list(range(12)), "movie": ["Up", "Heat", "Alien"] * 4}).to_csv(
+        table, index=False)
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
+           "PYSPARK_DRIVER_PYTHON": sys.executable}
+    p = subprocess.run(
+        [sys.executable, "-m", "llmsql.cli", "run", "--engine", "spark", "--master", "local[2]",
+         "--progress", "--no-cache", "--option", "threads=1", "--table", f"twelve={table}",
+         "-e", "SELECT id, LLM('Name the movie.', movie, max_tokens => 2) AS s FROM twelve"],
+        check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "12 rows" in p.stdout
+    assert re.search(r"LLM\(\.\.\.\) at line 1, column \d+: 3/3 prompts", p.stderr), p.stderr
+    assert "[Stage" not in p.stdout + p.stderr, p.stderr

@@ -31,9 +31,14 @@ Settings, read once from the Spark conf when the session is built: ``spark.llmsq
 (default: the cluster's default parallelism), ``spark.llmsql.partitioning`` (``affinity`` or
 ``default``), ``spark.llmsql.maxPrefixGroups`` (100000).
 
-The SQL rewrites are in :mod:`llmsql.executors.spark_sql`, the layout in
-:mod:`llmsql.executors.spark_layout` and the code that runs on executors in
-:mod:`llmsql.executors.spark_worker`.
+Every Spark job of a query runs with adaptive execution and partition coalescing on,
+persisted plans included, so shuffles are sized to the data rather than to
+``spark.sql.shuffle.partitions``; a user's session gets its own settings back after each
+step (:func:`~llmsql.executors.spark_session.query_conf`).
+
+The session is opened in :mod:`llmsql.executors.spark_session`, the SQL rewrites are in
+:mod:`llmsql.executors.spark_sql`, the layout in :mod:`llmsql.executors.spark_layout` and
+the code that runs on executors in :mod:`llmsql.executors.spark_worker`.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ from llmsql.executors.spark_layout import (
     SparkSettings,
     is_connect,
 )
+from llmsql.executors.spark_session import open_session, query_conf
 from llmsql.executors.spark_sql import spark_sql
 from llmsql.executors.spark_tasks import (
     KNOWN_COLLECT_ROWS,
@@ -107,63 +113,6 @@ READERS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv"
 
 
 # ---- sessions and errors ------------------------------------------------------------------
-
-
-def _package_root() -> str:
-    return str(pathlib.Path(__file__).resolve().parents[2])
-
-
-def _build_session(master: str) -> SparkSession:
-    from pyspark.sql import SparkSession
-
-    if master.startswith("sc://"):
-        from pyspark.errors import PySparkRuntimeError
-
-        try:
-            return SparkSession.builder.remote(master).getOrCreate()
-        except ImportError as exc:  # pyspark without its Connect client (grpcio, ...)
-            raise ConfigError(f"spark={master!r} needs the Spark Connect client: pip install "
-                              f"'llmsql[spark]' ({exc})") from None
-        except PySparkRuntimeError as exc:  # SESSION_ALREADY_EXIST: a classic SparkContext
-            raise ConfigError(
-                f"cannot attach to Spark Connect at {master}: this process already runs a "
-                f"classic SparkSession ({str(exc).splitlines()[0]}); pass that session as "
-                "spark=, or stop it first") from None
-    builder = SparkSession.builder.master(master).appName("llmsql")
-    if master.startswith("local"):  # executors on this machine: let them import llmsql
-        path = os.pathsep.join(p for p in (_package_root(), os.environ.get("PYTHONPATH")) if p)
-        builder = builder.config("spark.executorEnv.PYTHONPATH", path)
-    return builder.getOrCreate()
-
-
-def open_session(spark: Any) -> tuple[SparkSession, bool]:
-    """The SparkSession to use and whether llmsql created it (and so stops it).
-
-    Args:
-        spark: None (the active session, else one built from the spark-submit settings), a
-            master URL (``local[2]``, ``spark://...``, ``sc://...`` for Spark Connect) or a
-            SparkSession (classic or Connect). A master URL uses the active session when
-            there is one; so does an ``sc://`` URL when that session is a Connect session.
-
-    Raises:
-        ConfigError: ``spark`` is none of these, pyspark (or its Connect client, for an
-            ``sc://`` URL) is missing, or an ``sc://`` URL is given in a process that runs
-            a classic SparkSession.
-    """
-    try:
-        from pyspark.sql import SparkSession
-    except ImportError:
-        raise ConfigError("engine='spark' needs pyspark: pip install 'llmsql[spark]'") from None
-    if spark is None or isinstance(spark, str):
-        active = SparkSession.getActiveSession()
-        remote = isinstance(spark, str) and spark.startswith("sc://")
-        # pyspark hands out the active Connect session for any sc:// URL: use it, do not own it
-        if active is not None and (not remote or is_connect(active)):
-            return active, False
-        return (_build_session(spark) if spark else SparkSession.builder.getOrCreate()), True
-    if hasattr(spark, "sql") and hasattr(spark, "createDataFrame"):
-        return spark, False
-    raise ConfigError(f"spark= must be a SparkSession or a master URL, got {type(spark).__name__}")
 
 
 _REMOTE_ERROR = re.compile(r"llmsql\.errors\.(\w+): (.*)")
@@ -366,13 +315,14 @@ class SparkExecutor:
         The checkpoint is eager: the query runs now (its errors are raised here), and the
         result no longer depends on the lookups the caller drops next.
         """
-        df = self._sql(plan.final, what="the query")
-        if not isinstance(plan.final, exp.Query):
-            return None
-        try:
-            return SparkTable(df.localCheckpoint(eager=True))
-        except Exception as exc:  # noqa: BLE001 - boundary: runtime failures in Spark
-            raise _from_spark_error(exc, what="the query") from None
+        with query_conf(self.spark):
+            df = self._sql(plan.final, what="the query")
+            if not isinstance(plan.final, exp.Query):
+                return None
+            try:
+                return SparkTable(df.localCheckpoint(eager=True))
+            except Exception as exc:  # noqa: BLE001 - boundary: runtime failures in Spark
+                raise _from_spark_error(exc, what="the query") from None
 
     def drop_lookups(self, plan: QueryPlan, /) -> None:
         """Drop the plan's lookup views and release their cached answers."""
@@ -389,6 +339,10 @@ class SparkExecutor:
 
     def run_call(self, call: LLMCall, env: StepEnv, /) -> CallStats:
         """Inputs and layout on Spark, answers on the executors (or the driver), lookup view."""
+        with query_conf(self.spark):
+            return self._run_call(call, env)
+
+    def _run_call(self, call: LLMCall, env: StepEnv) -> CallStats:
         from pyspark import StorageLevel
 
         start = time.perf_counter()
@@ -401,7 +355,8 @@ class SparkExecutor:
                 if spec is None:
                     stats = self._answer_on_driver(call, layout, env)
                 else:
-                    stats = self._answer_on_executors(call, layout, spec, env)
+                    stats = self._answer_on_executors(call, layout, spec, env,
+                                                      self._prompts(call, layout, inputs))
             except LLMSQLError:
                 raise
             except Exception as exc:  # noqa: BLE001 - boundary: task failures come back as Spark errors
@@ -412,6 +367,14 @@ class SparkExecutor:
         stats.seconds = time.perf_counter() - start
         stats.notes = (*layout.notes, *stats.notes)
         return stats
+
+    @staticmethod
+    def _prompts(call: LLMCall, layout: Layout, inputs: DataFrame) -> int | None:
+        """The distinct prompts a call will send, known before answering (for the progress
+        bar): one per distinct input; None for LLM_AGG (map-reduce adds prompts)."""
+        if call.kind is CallKind.AGG:
+            return None
+        return layout.rows if layout.rows is not None else int(inputs.count())
 
     def _inputs(self, call: LLMCall) -> DataFrame:
         """The call's inputs: distinct field tuples with row counts (all rows for LLM_AGG)."""
@@ -441,10 +404,14 @@ class SparkExecutor:
         return str(self.spark.conf.get("spark.sql.session.timeZone", "UTC") or "UTC")
 
     def _answer_on_executors(self, call: LLMCall, layout: Layout, spec: BackendSpec,
-                             env: StepEnv) -> CallStats:
+                             env: StepEnv, prompts: int | None) -> CallStats:
+        """Answer on the executors; llmsql's progress bar (not Spark's) shows the call from
+        the start when its prompts are known, and its totals when the tasks are done."""
         from pyspark import StorageLevel
         from pyspark.sql import functions as F
 
+        if prompts is not None:
+            env.progress.start(prompts, call.where)
         df = layout.df
         if env.budget is not None:  # the shares' estimates and the answers see one layout
             df = df.persist(StorageLevel.MEMORY_AND_DISK)
@@ -470,7 +437,8 @@ class SparkExecutor:
         self._share_answers(call, env, parts, lookup)
         self.reports += [partition_report(call, p) for p in parts]
         stats = merge_stats(call, parts)
-        env.progress.start(stats.distinct_prompts, call.where)
+        if prompts is None:
+            env.progress.start(stats.distinct_prompts, call.where)
         env.progress.advance(stats.distinct_prompts, stats.prompt_tokens + stats.output_tokens,
                              stats.cached_tokens)
         return stats

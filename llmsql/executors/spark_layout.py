@@ -103,6 +103,8 @@ class Layout:
     notes: tuple[str, ...]
     lead: str | None = None
     """The leading field's input column (reported per partition), when grouped on one."""
+    rows: int | None = None
+    """The input rows laid out, when the layout counted them (prefix groups)."""
 
 
 class LayoutPlanner:
@@ -199,7 +201,7 @@ class LayoutPlanner:
         names = [call.fields[j].name for j in order]
         with_chars = inputs.withColumn(CHARS_COL, self._prompt_chars(call))
         layout = self._place_groups(with_chars, [lead], rest, n, splittable=True, names=names)
-        return Layout(layout.df.drop(CHARS_COL), layout.notes, lead)
+        return Layout(layout.df.drop(CHARS_COL), layout.notes, lead, layout.rows)
 
     def _place_groups(self, inputs: DataFrame, keys: list[str], rest: list[str], n: int, *,
                       splittable: bool, names: list[str]) -> Layout:
@@ -222,7 +224,8 @@ class LayoutPlanner:
         split_cols = self._split_columns(inputs, keys, rest, plan.splits)
         by = {s.key: names[len(keys) + rest.index(split_cols[s.key])] for s in plan.splits}
         notes = describe(plan, lead_name, groups=len(groups), split_by=by)
-        return Layout(self._route(inputs, keys, plan, split_cols, n), notes)
+        return Layout(self._route(inputs, keys, plan, split_cols, n), notes,
+                      rows=sum(g.rows for g in groups))
 
     def _split_columns(self, inputs: DataFrame, keys: list[str], rest: list[str],
                        splits: Sequence[Any]) -> dict[tuple[Any, ...], str]:

@@ -25,6 +25,7 @@ import pandas as pd
 import pytest
 
 import llmsql
+from llmsql.executors.spark_session import QUERY_CONF
 from tests.answers import RuleBackend
 from tests.executors.spark_fixtures import (
     FILTER,
@@ -81,6 +82,16 @@ def test_same_results_as_duckdb_for_every_shape(
 ) -> None:
     duck, sp = rule_pair
     assert multiset(sp.sql(sql).arrow()) == multiset(duck.sql(sql).arrow())
+
+
+def test_query_settings_are_the_sessions_own_again_after_a_query(
+    spark: Any, rule_pair: tuple[llmsql.Session, llmsql.Session]
+) -> None:
+    """The settings that size shuffles to the data hold for the query's steps only."""
+    before = {k: spark.conf.get(k, None) for k in QUERY_CONF}
+    assert before["spark.sql.optimizer.canChangeCachedPlanOutputPartitioning"] is None
+    assert len(rule_pair[1].sql(ALL_SHAPES[1])) == 3
+    assert {k: spark.conf.get(k, None) for k in QUERY_CONF} == before
 
 
 def test_explain_shows_the_affinity_layout(spark: Any) -> None:
