@@ -22,7 +22,7 @@ prefix-affinity partitioning balanced by tokens -- register the DataFrame in a s
 
 Field names in the prompt are the column names (pass names, or columns whose string form is
 the name you want: ``df.review`` renders as ``review``). Rows of an ``llm_agg`` group reach
-the prompt in the order Spark delivers them.
+the prompt sorted by their rendered text, whatever order Spark delivers them in.
 """
 
 from __future__ import annotations

@@ -30,6 +30,12 @@ Spec options (``BackendSpec.make("vllm", model, **options)``):
   after its prefill step instead of after 2-3 grammar-constrained steps; choices that share
   a first token fall back to structured outputs. Greedy answers equal structured decoding's
   whenever the model's best first token is the choice's own first token.
+- ``deterministic`` (False): vLLM's batch-invariant mode (``VLLM_BATCH_INVARIANT=1``): a
+  prompt's answer no longer depends on its batch neighbours, at a measured cost in speed
+  (``bench/results/deterministic.md``). vLLM implements it for NVIDIA GPUs only: asking for
+  it on the CPU is a ConfigError (the transformers backend is batch-invariant by default).
+  The model identity gets a ``#batch_invariant`` suffix, so the result cache keeps such
+  answers apart.
 - ``max_num_seqs``, ``max_num_batched_tokens``: vLLM's scheduler limits (vLLM's defaults
   when absent: 1024 and 16384 on an H100 for the offline engine).
 - ``log_stats`` (False): keep vLLM's metrics (engine steps, tokens per step, preemptions);
@@ -63,6 +69,7 @@ ENGINE_OPTIONS: frozenset[str] = frozenset(
         "attention_backend",
         "chat_template",
         "choice_decoding",
+        "deterministic",
         "dtype",
         "enable_prefix_caching",
         "enforce_eager",
@@ -109,6 +116,11 @@ def check_options(spec: BackendSpec, /) -> None:
             msg = (f"vllm option choice_decoding={value!r} is not one of "
                    f"{', '.join(CHOICE_DECODINGS)}")
             raise ConfigError(msg)
+    if spec.option("deterministic") and not _has_nvidia_gpu():
+        msg = ("vllm option deterministic=True (vLLM's batch-invariant mode) needs an NVIDIA "
+               "GPU, and none is here; on the CPU use the transformers backend, whose answers "
+               "do not depend on batching, or drop the option")
+        raise ConfigError(msg)
 
 
 class VLLMBackend(WorkerClient):
@@ -158,6 +170,8 @@ class VLLMEngine:
         self._spec = spec
         self._path = str(resolve_model(spec.model))
         self._id = _model_id(pathlib.Path(self._path), spec.option("load_format"))
+        if spec.option("deterministic"):
+            self._id += "#batch_invariant"
         import torch
         from vllm import LLM
         from vllm.platforms import current_platform
@@ -417,6 +431,8 @@ def _set_env(spec: BackendSpec) -> int | None:
         ConfigError: ``threads`` is out of range.
     """
     on_cpu = not _has_nvidia_gpu()
+    if spec.option("deterministic"):
+        os.environ["VLLM_BATCH_INVARIANT"] = "1"
     in_process = not spec.option("multiprocessing", not on_cpu)
     if in_process:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

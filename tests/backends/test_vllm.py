@@ -218,6 +218,17 @@ def test_two_clients_share_one_worker(vllm_spec: BackendSpec, vllm_backend: VLLM
     assert vllm_backend.generate([Request("Say hi.", max_tokens=1)])[0].error is None
 
 
+def test_deterministic_mode_needs_an_nvidia_gpu() -> None:
+    """vLLM's batch-invariant mode is GPU-only: on this CPU machine a clear ConfigError, before
+    any worker starts (GPU cost: bench/results/deterministic.md)."""
+    from llmsql.backends.vllm import _has_nvidia_gpu
+
+    if _has_nvidia_gpu():
+        pytest.skip("this machine has an NVIDIA GPU: the mode is allowed here")
+    with pytest.raises(ConfigError, match="deterministic=True.*needs an NVIDIA GPU.*transformers"):
+        get_backend(BackendSpec.make("vllm", None, deterministic=True))
+
+
 def test_unknown_vllm_option_is_rejected_before_starting() -> None:
     with pytest.raises(ConfigError, match="unknown vllm option 'max_len'"):
         get_backend(BackendSpec.make("vllm", None, max_len=512))
