@@ -191,11 +191,25 @@ def _write(table, path: str) -> None:  # type: ignore[no-untyped-def]
         elif suffix == ".csv":
             pcsv.write_csv(table, tmp)
         else:
-            table.to_pandas().to_json(tmp, orient="records", lines=suffix != ".json",
-                                      force_ascii=False)
+            _write_json(table, tmp, array=suffix == ".json")
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_json(table, path: Path, *, array: bool) -> None:  # type: ignore[no-untyped-def]
+    """Write ``table`` as JSON (an array, or one object per line) the way DuckDB types it:
+    integers (HUGEINT sums too) and decimals as numbers, timestamps as ISO strings, NULL as
+    null, whatever the pandas version."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        con.register("result", table)
+        quoted = str(path).replace("'", "''")
+        con.execute(f"COPY result TO '{quoted}' (FORMAT json, ARRAY {str(array).lower()})")
+    finally:
+        con.close()
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

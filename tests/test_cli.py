@@ -87,6 +87,22 @@ def test_plain_sql_runs_and_writes_each_format(tmp_path: Path) -> None:
     assert p.stdout.splitlines() == ['"n"', "300"]
 
 
+def test_json_output_is_typed_as_duckdb_types_it(tmp_path: Path) -> None:
+    """Issue 11: a HUGEINT sum, a decimal, an integer with NULLs and a timestamp come out of
+    .json/.jsonl as numbers, an ISO string and null, whatever the pandas version (pandas 3's
+    to_json wrote the sum as a string, pandas 2 as a float, and timestamps as epochs)."""
+    sql = ("SELECT SUM(i) AS total, CAST(1.25 AS DECIMAL(4, 2)) AS dec, "
+           "NULLIF(MAX(i), 3) AS top, TIMESTAMP '2020-01-02 03:04:05' AS at "
+           "FROM range(4) AS r(i)")
+    want = {"total": 6, "dec": 1.25, "top": None, "at": "2020-01-02 03:04:05"}
+    for name in ("o.json", "o.jsonl"):
+        p = cli("run", "-e", sql, "--output", str(tmp_path / name))
+        assert p.returncode == 0, p.stderr
+        text = (tmp_path / name).read_text()
+        got = json.loads(text)[0] if name == "o.json" else json.loads(text.splitlines()[0])
+        assert got == want and isinstance(got["total"], int)
+
+
 @pytest.mark.spark
 @pytest.mark.model
 def test_spark_run_shows_llmsql_progress_not_sparks(tmp_path: Path) -> None:
