@@ -4,11 +4,16 @@ For each LLM call (see :mod:`llmsql.planner`):
 
 1. **Inputs.** The call's input query runs as Spark SQL (:func:`spark_sql`), deduplicated by
    Spark (``GROUP BY`` the fields, counting the rows each distinct input stands for).
-2. **Layout.** Prefix-affinity partitioning (:mod:`llmsql.executors.spark_layout`): rows
+2. **Field orders.** For a call with several appended fields, the driver chooses every
+   distinct input's field order over all of them, as DuckDB does, and the tasks keep those
+   orders (:mod:`llmsql.executors.spark_orders`): a row's prompt, so its answer, does not
+   depend on its partition. Beyond ``spark.llmsql.maxFieldOrderRows`` distinct inputs (or
+   ``maxFieldOrderChars``) each partition chooses, as the call's notes say.
+3. **Layout.** Prefix-affinity partitioning (:mod:`llmsql.executors.spark_layout`): rows
    whose prompts share the leading field's value stay in one partition, partitions are
    balanced by estimated tokens, too-heavy groups are split and the split shown in EXPLAIN
    (``spark.llmsql.partitioning=default``: Spark's round-robin instead).
-3. **Answers.** ``mapInArrow`` runs :func:`llmsql.executors.spark_worker.answer_partition` on
+4. **Answers.** ``mapInArrow`` runs :func:`llmsql.executors.spark_worker.answer_partition` on
    every partition: the same LLM step as DuckDB (the optimizer orders the partition's rows),
    answered by the executor's long-lived inference worker. Only the picklable
    :class:`~llmsql.backends.base.BackendSpec` travels, with the result cache's *path* (each
@@ -18,8 +23,8 @@ For each LLM call (see :mod:`llmsql.planner`):
    persisted (memory and disk): a lost executor's partitions are recomputed from lineage, so
    no row is lost. One statistics row per partition comes back to the driver, with what the
    task spent and any failure a retry would only repeat (which the driver raises).
-4. **Lookup.** The answers become the temp view ``call.lookup``; the final query reads them.
-5. **Result.** The final query is checkpointed on the executors (:class:`SparkTable`) before
+5. **Lookup.** The answers become the temp view ``call.lookup``; the final query reads them.
+6. **Result.** The final query is checkpointed on the executors (:class:`SparkTable`) before
    the lookups are dropped: ``Result.spark()`` keeps working on it without re-running any
    LLM call, and nothing is collected to the driver until Arrow or pandas is asked for.
 
@@ -29,7 +34,8 @@ layout and its EXPLAIN lines.
 
 Settings, read once from the Spark conf when the session is built: ``spark.llmsql.partitions``
 (default: the cluster's default parallelism), ``spark.llmsql.partitioning`` (``affinity`` or
-``default``), ``spark.llmsql.maxPrefixGroups`` (100000).
+``default``), ``spark.llmsql.maxPrefixGroups`` (100000), ``spark.llmsql.maxFieldOrderRows``
+(200000) and ``spark.llmsql.maxFieldOrderChars`` (134217728).
 
 Every Spark job of a query runs with adaptive execution and partition coalescing on,
 persisted plans included, so shuffles are sized to the data rather than to
@@ -37,8 +43,9 @@ persisted plans included, so shuffles are sized to the data rather than to
 step (:func:`~llmsql.executors.spark_session.query_conf`).
 
 The session is opened in :mod:`llmsql.executors.spark_session`, the SQL rewrites are in
-:mod:`llmsql.executors.spark_sql`, the layout in :mod:`llmsql.executors.spark_layout` and
-the code that runs on executors in :mod:`llmsql.executors.spark_worker`.
+:mod:`llmsql.executors.spark_sql`, the layout in :mod:`llmsql.executors.spark_layout`,
+the driver's field orders in :mod:`llmsql.executors.spark_orders` and the code that runs
+on executors in :mod:`llmsql.executors.spark_worker`.
 """
 
 from __future__ import annotations
@@ -78,6 +85,7 @@ from llmsql.executors.spark_layout import (
     SparkSettings,
     is_connect,
 )
+from llmsql.executors.spark_orders import field_orders
 from llmsql.executors.spark_session import open_session, query_conf
 from llmsql.executors.spark_sql import spark_sql
 from llmsql.executors.spark_tasks import (
@@ -98,6 +106,7 @@ from llmsql.executors.spark_worker import (
     local_timestamps,
     restore_keys,
 )
+from llmsql.optimizer.context import PinnedFieldOrders
 from llmsql.plan import ARG_PREFIX, GROUP_PREFIX, RESULT_COL, LLMCall, PromptBatch, QueryPlan
 from llmsql.udfs.base import CallKind
 
@@ -142,6 +151,16 @@ def _from_spark_error(exc: Exception, *, what: str, call: LLMCall | None = None)
                          col=call.col if call else None)
     return ExecutionError(f"{what} failed in Spark: {first}", executor="spark",
                           step=call.id if call else "")
+
+
+def _pinning(env: StepEnv, pinned: PinnedFieldOrders | None) -> StepEnv:
+    """``env`` whose rule context carries ``pinned`` (a task's, or the driver's per-partition
+    rules keep those field orders); the memo, known answers and budgets stay shared."""
+    if pinned is None:
+        return env
+    rule_ctx = env.rule_ctx
+    return dataclasses.replace(
+        env, rule_ctx=lambda backend: dataclasses.replace(rule_ctx(backend), pinned=pinned))
 
 
 def shippable_spec(env: StepEnv, model: str | None) -> BackendSpec | None:
@@ -348,6 +367,9 @@ class SparkExecutor:
         start = time.perf_counter()
         inputs = self._inputs(call).persist(StorageLevel.MEMORY_AND_DISK)
         try:
+            orders = field_orders(call, inputs, env.rule_ctx(DryRunBackend()), self.settings,
+                                  self._time_zone())
+            env = _pinning(env, orders.pinned)
             layout = self._planner.layout(call, inputs)
             input_seconds = time.perf_counter() - start
             spec = shippable_spec(env, call.options.model)
@@ -365,7 +387,7 @@ class SparkExecutor:
             inputs.unpersist()
         stats.input_seconds = input_seconds
         stats.seconds = time.perf_counter() - start
-        stats.notes = (*layout.notes, *stats.notes)
+        stats.notes = (*layout.notes, *orders.notes, *stats.notes)
         return stats
 
     @staticmethod

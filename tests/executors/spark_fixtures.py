@@ -36,10 +36,10 @@ MODEL = {"backend": "transformers", "threads": 1, "batch_size": 1, "idle_timeout
 """Session options for the real embedded model (one prompt per batch, so that batch
 composition cannot change a near-tie between engines)."""
 
-# One field per prompt: with several appended fields the optimizer may choose another field
-# order per row depending on the other rows of the batch -- a Spark partition is not the
-# whole table -- and the model may answer a reordered prompt differently. Multi-field
-# semantics are covered with the order-independent rule function.
+# One field per prompt keeps the real model's prompts short. With several appended fields,
+# Spark gives every row DuckDB's field order too (chosen on the driver over the call's whole
+# input; test_spark_field_order.py checks the prompts), and multi-field semantics are
+# covered with the order-independent rule function.
 FILTER = "Is the review positive?"
 MAP = "In three words, what does the review say?"
 MODEL_QUERIES = {
