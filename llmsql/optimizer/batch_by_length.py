@@ -11,6 +11,8 @@ Invariant: the send order is unchanged; only batch boundaries are set.
 >>> from llmsql.optimizer._doctest import batch_of
 >>> batch_by_length(batch_of([list("abcde")]), RuleContext(batch_size=2)).batches
 (0, 2, 4)
+>>> _cut(0, 3, 1, {0})  # one prompt per batch; a group starting at the batch start
+[0, 1, 2]
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def _cut(lo: int, hi: int, size: int, starts: set[int]) -> list[int]:
         bounds.append(pos)
         end = min(pos + size, hi)
         if end < hi and end not in starts:
-            early = max((s for s in starts if pos + size // 2 <= s < end), default=None)
+            half = pos + max(1, size // 2)  # a batch always holds at least one prompt
+            early = max((s for s in starts if half <= s < end), default=None)
             end = early if early is not None else end
         pos = end
     return bounds

@@ -219,3 +219,11 @@ def test_reorder_gives_each_row_the_same_prompt_whatever_the_input_order() -> No
         assert len(r.field_orders) > 1  # per-row field orders are really in play
         prompts.append(sorted(r.prompt(i) for i in r.send_order()))
     assert all(p == prompts[0] for p in prompts[1:])
+
+
+def test_batch_size_one_gives_one_prompt_per_batch() -> None:
+    """batch_size=1 used to loop forever when a prefix group started at every row."""
+    ctx = RuleContext(capabilities=SHARING, batch_size=1)
+    r = reorder_prompts(dedup_prompts(movies(), ctx), ctx)
+    b = batch_by_length(r, ctx)
+    assert b.batches == tuple(range(len(r.send_order())))
