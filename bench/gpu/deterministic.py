@@ -96,6 +96,8 @@ def child(a: argparse.Namespace) -> None:
             "cached_tokens": sum(r.cached_tokens for r in first),
             "output_tokens": sum(r.output_tokens for r in first),
             "answers_changed_by_batching": sum(first[i].text != second[i] for i in order),
+            "distinct_answers": len({r.text for r in first}),
+            "answer_samples": [r.text for r in first[:3]],
         }
         print(a.mode, wid, result["calls"][wid], flush=True)
     backend.close()
