@@ -19,7 +19,13 @@ The executor writes each batch's answers as soon as the batch returns, so a quer
 mid-way loses at most the batches that were in flight; running it again answers the rest
 from here. :class:`LazyBackend` lets a query whose answers are all cached run without
 building (loading) the backend at all: the model's identity comes from the spec
-(:func:`model_key`), and its capabilities from the first run that did build it.
+(:func:`model_key`), and its capabilities from the first run that did build it. Nothing else
+reaches the backend on such a re-run: prompt-cache warm-ups are sent only ahead of prompts
+that are sent, and a long prompt answered before is known to fit the context without
+counting its tokens. What still needs the backend: an ``openai`` spec that names no model
+(the server says which model it serves), and prompts that must be truncated
+(``truncate => true``) or packed into LLM_AGG chunks by token count, which the model's
+tokenizer measures.
 
 >>> import tempfile, pathlib
 >>> from llmsql.backends.base import Request, Response
@@ -387,7 +393,8 @@ class LazyBackend:
 
     It knows the model's identity (:func:`model_key`) and, once any run has built the
     backend, its capabilities (kept in the cache), so a query answered entirely from the
-    cache never builds it. ``generate`` and ``count_tokens`` build it.
+    cache never builds it. ``generate`` and ``count_tokens`` build it; ``contacts`` counts
+    what reached the real backend (a build, a ``generate``, a ``count_tokens``).
     """
 
     def __init__(self, spec: BackendSpec, build: Callable[[], LLMBackend],
@@ -399,6 +406,8 @@ class LazyBackend:
         self._cache = cache
         self._backend: LLMBackend | None = None
         self._key: str | None = None
+        self.contacts = 0
+        """Builds of the real backend plus calls of its ``generate`` and ``count_tokens``."""
 
     @property
     def built(self) -> bool:
@@ -408,6 +417,7 @@ class LazyBackend:
     def backend(self) -> LLMBackend:
         """The real backend (built now if needed; its capabilities are then recorded)."""
         if self._backend is None:
+            self.contacts += 1
             self._backend = self._build()
             if self._cache is not None:
                 try:
@@ -434,11 +444,15 @@ class LazyBackend:
 
     def generate(self, batch: Sequence[Request], /) -> list[Response]:
         """Generate with the real backend."""
-        return self.backend().generate(batch)
+        backend = self.backend()
+        self.contacts += 1
+        return backend.generate(batch)
 
     def count_tokens(self, text: str, /) -> int:
         """Count with the real backend."""
-        return self.backend().count_tokens(text)
+        backend = self.backend()
+        self.contacts += 1
+        return backend.count_tokens(text)
 
     def close(self) -> None:
         """Nothing: the session owns and closes the real backend."""

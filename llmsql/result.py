@@ -33,6 +33,11 @@ class QueryStats:
     """Per-call statistics of one query."""
 
     calls: list[CallStats] = field(default_factory=list)
+    backend_contacted: bool | None = None
+    """Whether the query reached a backend: built it (loaded a model, listed a server's
+    models), sent it prompts or warm-ups, or had it count tokens. False: answered from the
+    result cache alone, so it ran with the model unloaded or the server down. None: not
+    tracked (a backend object given by the caller, a dry run)."""
 
     @property
     def null_answers(self) -> int:
@@ -59,6 +64,9 @@ class QueryStats:
                 f"{c.where}: {c.rows_in} rows, {c.distinct_prompts} distinct prompts, "
                 f"{c.sent} sent, {c.prompt_tokens} prompt tokens{hit}, {c.seconds:.2f}s{extra}"
             )
+        cached = sum(c.from_cache for c in self.calls)
+        if self.backend_contacted is False and cached:
+            lines.append(f"all {cached} answers from the result cache; backend not contacted")
         return "\n".join(lines)
 
 

@@ -307,6 +307,7 @@ class Session:
         env = StepEnv(backend_for=backend_for, rule_ctx=self._rule_ctx, progress=progress,
                       on_batch=on_batch, spec_for=self.spec if shippable else None)
         meter = BudgetMeter(self._settings.budget, self._price)
+        contacts = self._contacts()
         table: pa.Table | DeferredTable | None = None
         try:
             for tree in parse(query):
@@ -321,8 +322,15 @@ class Session:
                 table = self._run_plan(plan, env, stats)
         finally:
             progress.close()
+            if shippable:
+                stats.backend_contacted = self._contacts() != contacts or any(
+                    c.sent or c.warmup_prompts or c.truncated for c in stats.calls)
             self.last_stats = stats
         return Result(table if table is not None else pa.table({}), stats)
+
+    def _contacts(self) -> int:
+        """What reached this session's real backends so far (see ``LazyBackend.contacts``)."""
+        return sum(lazy.contacts for lazy in self._lazy.values())
 
     def _plan_statement(
         self, query: str, tree: exp.Expression, env: StepEnv, stats: QueryStats

@@ -38,6 +38,12 @@ Spec options (all optional but ``base_url``):
 Cached tokens are read from ``usage.prompt_tokens_details.cached_tokens`` where the server
 reports them. ``count_tokens`` uses the server's ``/tokenize`` endpoint where it has one (vLLM,
 ``llmsql serve``), else estimates 3 bytes per token.
+
+Building the backend contacts nothing: the server's model list (which model it serves, its
+context and capabilities) is read on first need, i.e. the first request, token count or
+``capabilities``. A named model's identity (``model_id``, part of every result cache key) needs
+no server, so a re-run answered entirely from the result cache works with the server down.
+Without a model name the server is asked which model it serves first, even for such a re-run.
 """
 
 from __future__ import annotations
@@ -303,16 +309,20 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 class OpenAIBackend:
-    """The :class:`~llmsql.backends.base.LLMBackend` for OpenAI-compatible servers."""
+    """The :class:`~llmsql.backends.base.LLMBackend` for OpenAI-compatible servers.
+
+    The server is contacted only when something needs it (module docstring): a request, a
+    token count, ``capabilities``, or ``model`` when no model is named.
+    """
 
     name = "openai"
 
     def __init__(self, spec: BackendSpec, /) -> None:
-        """Connect to the server, pick the model and learn what the server supports.
+        """Validate the options and prepare the connection pool; the server is not contacted
+        until something needs it (see :meth:`_discover`).
 
         Raises:
-            ConfigError: a bad option, or no model named and the server serves several.
-            BackendError: the server cannot be reached, or refuses the key.
+            ConfigError: a bad option.
         """
         import httpx
 
@@ -328,17 +338,30 @@ class OpenAIBackend:
         self._thread.start()
         self._closed = False
         self._give_ups = 0
+        self._info: dict[str, Any] | None = None
+        self._name = self.config.model
+        self._discover_lock = threading.Lock()
+        self._mode = "none"
+        self._caps = Capabilities()
+        self._tokenize = False
         try:
             self._run(self._start())
-            info = self._run(self._pick_model())
         except BaseException:
             self.close()
             raise
-        self.model = str(info["id"])
-        self._owner = str(info.get("owned_by", ""))
-        self._mode = self._structured_mode(info)
-        self.capabilities = self._capabilities(info)
-        self._tokenize = self._owner in ("vllm", "llmsql")
+
+    @property
+    def model(self) -> str:
+        """The model's name: as named, else the one the server serves (asked on first use)."""
+        if self._name is None:
+            self._name = str(self._discover()["id"])
+        return self._name
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the server supports for the model (its model list is read on first use)."""
+        self._discover()
+        return self._caps
 
     # -- event loop plumbing ------------------------------------------------------------------
 
@@ -368,8 +391,34 @@ class OpenAIBackend:
 
     # -- discovery --------------------------------------------------------------------------
 
+    def _discover(self) -> dict[str, Any]:
+        """The server's entry for the model, read once, on first need.
+
+        Raises:
+            ConfigError: no model named and the server serves none or several.
+            BackendError: the server cannot be reached, or refuses the key (the next use
+                tries again).
+        """
+        with self._discover_lock:
+            if self._info is None:
+                if self._closed:
+                    raise BackendError("the openai backend is closed; build a new one",
+                                       backend=self.name)
+                info = self._run(self._pick_model())
+                self._mode = self._structured_mode(info)
+                self._caps = self._capabilities(info)
+                self._tokenize = info.get("owned_by") in ("vllm", "llmsql")
+                self._info = info
+            return self._info
+
     async def _pick_model(self) -> dict[str, Any]:
-        data = await self._call_json("GET", "/models", None, purpose="listing models")
+        hint = "" if self.config.model is not None else (
+            "; no model is named, so the server is asked which one it serves even when every "
+            "answer is in the result cache: name it (--model NAME / model=...) to re-run "
+            "cached queries without the server"
+        )
+        data = await self._call_json("GET", "/models", None, purpose="listing models",
+                                     hint=hint)
         models = [m for m in data.get("data", []) if isinstance(m, dict) and "id" in m] \
             if isinstance(data, dict) else []
         wanted = self.config.model
@@ -426,6 +475,7 @@ class OpenAIBackend:
         """
         if self._closed:
             raise BackendError("the openai backend is closed; build a new one", backend=self.name)
+        self._discover()
         return self._run(self._generate_all(list(batch)))
 
     async def _generate_all(self, batch: list[Request]) -> list[Response]:
@@ -439,6 +489,8 @@ class OpenAIBackend:
     def count_tokens(self, text: str, /) -> int:
         """Tokens of ``text`` with the chat template, from the server's ``/tokenize`` if it
         has one, else estimated (3 bytes per token plus 16 for the template)."""
+        if not self._closed:
+            self._discover()
         if self._tokenize and not self._closed:
             with contextlib.suppress(BackendError):
                 count = self._run(self._count(text))
@@ -458,7 +510,8 @@ class OpenAIBackend:
         return count if isinstance(count, int) else None
 
     def model_id(self) -> str:
-        """``openai:<base url without credentials>:<model>``."""
+        """``openai:<base url without credentials>:<model>`` (no server needed when the model
+        is named)."""
         return f"openai:{self.config.shown_url}:{self.model}"
 
     def close(self) -> None:
@@ -612,8 +665,9 @@ class OpenAIBackend:
                                             cached_tokens=cached, output_tokens=output_tokens))
 
     async def _call_json(self, method: str, path: str, body: dict[str, Any] | None, *,
-                         purpose: str) -> Any:
-        """A non-generation call (models, tokenize), retried like generation."""
+                         purpose: str, hint: str = "") -> Any:
+        """A non-generation call (models, tokenize), retried like generation; ``hint`` ends
+        the message when the server cannot be reached."""
         last = ""
         for attempt in range(self.config.max_retries + 1):
             try:
@@ -638,7 +692,7 @@ class OpenAIBackend:
                 await asyncio.sleep(self._delay(attempt, None))
         raise BackendError(
             f"cannot reach the OpenAI-compatible server at {self.config.shown_url} "
-            f"({purpose}: {last}); check --base-url and that the server is running",
+            f"({purpose}: {last}); check --base-url and that the server is running{hint}",
             backend=self.name,
         )
 

@@ -110,14 +110,31 @@ def test_wrong_model_url_and_dead_server_are_clear_errors(server: ServeProcess) 
     finally:
         backend.close()
     root = server.url.removesuffix("/v1")
-    with pytest.raises(ConfigError, match="found no models"):
-        OpenAIBackend(BackendSpec.make("openai", None, base_url=root, api_key_env=SERVER_KEY_ENV))
+    nowhere = OpenAIBackend(BackendSpec.make("openai", None, base_url=root,
+                                             api_key_env=SERVER_KEY_ENV))
+    try:
+        with pytest.raises(ConfigError, match="found no models"):
+            nowhere.capabilities  # noqa: B018 (the server's model list is read on first use)
+    finally:
+        nowhere.close()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]  # bound, never listening: connections are refused
-        with pytest.raises(BackendError, match="cannot reach"):
-            OpenAIBackend(BackendSpec.make("openai", "m", base_url=f"http://127.0.0.1:{dead}/v1",
-                                           max_retries=1, backoff=0.01))
+        url = f"http://127.0.0.1:{dead}/v1"
+        named = OpenAIBackend(BackendSpec.make("openai", "m", base_url=url, max_retries=1,
+                                               backoff=0.01))
+        nameless = OpenAIBackend(BackendSpec.make("openai", None, base_url=url, max_retries=1,
+                                                  backoff=0.01))
+        try:
+            # building contacts nothing; a named model's identity needs no server
+            assert named.model_id() == f"openai:{url}:m"
+            with pytest.raises(BackendError, match="cannot reach"):
+                named.generate([Request("hi")])
+            with pytest.raises(BackendError, match="cannot reach.*name it \\(--model NAME"):
+                nameless.model_id()
+        finally:
+            named.close()
+            nameless.close()
     with pytest.raises(ConfigError, match="base_url"):
         OpenAIBackend(BackendSpec.make("openai", "m"))
     with pytest.raises(ConfigError, match="concurrency"):
