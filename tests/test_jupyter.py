@@ -6,6 +6,9 @@ deterministic rule function (tests/answers.py).
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -184,3 +187,26 @@ def test_svg_chart_escapes_labels() -> None:
 def test_explain_report_without_llm_calls(con: llmsql.Session) -> None:
     rep = explain_report(con, "SELECT COUNT(*) FROM reviews")
     assert rep.calls == () and "plain SQL" in rep.html()
+
+
+def test_notebook_extra_gives_tqdm_its_widget_bar() -> None:
+    """In a Jupyter kernel, model downloads/loading draw tqdm.auto bars: with ipywidgets (the
+    notebook extra) they are widgets, not a console fallback with 'IProgress not found'."""
+    script = (
+        "import warnings\n"
+        "import ipykernel.zmqshell  # what a Jupyter kernel has imported: tqdm.auto's cue\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from tqdm.auto import tqdm\n"
+        "    bar = tqdm(total=2)\n"
+        "    bar.update(2)\n"
+        "    bar.close()\n"
+        "import tqdm.notebook\n"
+        "print(isinstance(bar, tqdm.notebook.tqdm))\n"
+        "print([str(w.message) for w in caught if 'IProgress' in str(w.message)])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=True)
+    widget_bar, problems = done.stdout.splitlines()[-2:]
+    assert problems == "[]", done.stdout
+    assert widget_bar == "True"
