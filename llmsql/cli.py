@@ -171,8 +171,24 @@ def _quiet_spark() -> None:
 
 
 def _check_output(path: str | None) -> None:
-    if path and path != "-" and not path.lower().endswith(WRITERS):
+    """Refuse an --output the result could not be written to, before any work is done."""
+    if not path or path == "-":
+        return
+    if not path.lower().endswith(WRITERS):
         raise ConfigError(f"--output {path!r}: use a .parquet, .csv or .json file, or '-'")
+    target = Path(path)
+    folder = target.parent
+    if not folder.exists():
+        raise ConfigError(f"--output {path!r}: the folder {str(folder)!r} does not exist; "
+                          "create it first or write somewhere else")
+    if not folder.is_dir():
+        raise ConfigError(f"--output {path!r}: {str(folder)!r} is a file, not a folder; "
+                          "pick a path inside a folder")
+    if target.is_dir():
+        raise ConfigError(f"--output {path!r} is a folder; give a file name inside it")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output {path!r}: the folder {str(folder)!r} is not writable; "
+                          "pick a folder you can write to")
 
 
 def _write(table, path: str) -> None:  # type: ignore[no-untyped-def]

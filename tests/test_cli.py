@@ -126,3 +126,16 @@ def test_spark_run_shows_llmsql_progress_not_sparks(tmp_path: Path) -> None:
     assert "12 rows" in p.stdout
     assert re.search(r"LLM\(\.\.\.\) at line 1, column \d+: 3/3 prompts", p.stderr), p.stderr
     assert "[Stage" not in p.stdout + p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("where", ["missing-folder/out.csv", "afile.parquet/x.csv"])
+def test_bad_output_folder_fails_before_running(tmp_path: Path, where: str) -> None:
+    """Issue 12: a bad --output folder is a clear error up front, not a traceback after the
+    query ran (and its LLM calls were paid)."""
+    (tmp_path / "afile.parquet").write_text("not a folder")
+    p = cli("run", "-e", "SELECT 1 AS x", "--output", str(tmp_path / where))
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.startswith("llmsql: error: --output"), p.stderr
+    assert "Traceback" not in p.stderr
+    assert "folder" in p.stderr
+
