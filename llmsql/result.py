@@ -126,7 +126,7 @@ class Result:
             self._head(max_rows)
         con = duckdb.connect()
         try:
-            text = str(con.from_arrow(head))
+            text = _boxed(con.from_arrow(head), max_rows)
         finally:
             con.close()
         more = len(self) - max_rows
@@ -148,6 +148,19 @@ class Result:
 
     def __repr__(self) -> str:
         return self.preview()
+
+
+def _boxed(rel: Any, max_rows: int) -> str:
+    """DuckDB's boxed rendering of ``rel`` showing up to ``max_rows`` rows (``str(rel)``
+    stops at DuckDB's own default of 20, whatever the caller asked for)."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rel.show(max_rows=max(1, max_rows))
+    text = buf.getvalue()
+    return text[:-1] if text.endswith("\n\n") else text  # show() prints one more newline
 
 
 def _to_spark(table: pa.Table, session: SparkSession | None) -> DataFrame:

@@ -139,3 +139,10 @@ def test_bad_output_folder_fails_before_running(tmp_path: Path, where: str) -> N
     assert "Traceback" not in p.stderr
     assert "folder" in p.stderr
 
+def test_preview_honours_max_rows() -> None:
+    p = cli("run", "-e", "SELECT * FROM range(100)", "--max-rows", "40")
+    assert p.returncode == 0, p.stderr
+    assert "(20 shown)" not in p.stdout
+    assert re.search(r"│\s+39 │", p.stdout), p.stdout
+    assert "(60 more rows)" in p.stdout
+
