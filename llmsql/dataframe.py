@@ -269,7 +269,7 @@ class LLMFrame:
 
     def agg(
         self, instruction: str, /, *fields: str, by: str | Sequence[str] = (),
-        column: str = "answer", sort: bool = True, dropna: bool = True,
+        column: str | None = None, sort: bool = True, dropna: bool = True,
         as_index: bool = True, session: Session | None = None, model: str | None = None,
         max_tokens: int | None = None, temperature: float | None = None,
         seed: int | None = None, truncate: bool = False,
@@ -280,16 +280,22 @@ class LLMFrame:
             instruction: what to answer about each group.
             *fields: columns of each row put in the group's prompt.
             by: group-key columns; empty: the whole frame is one group.
-            column: the name of the answer column.
+            column: the name of the answer column. None (the default): ``answer``, or, if
+                the frame has a column of that name, ``answer_1`` (``answer_2``, ...: the
+                first name the frame does not use), so it never clashes with a group key.
             sort, dropna: as in ``DataFrame.groupby`` (NULL keys dropped; sorted keys).
             as_index: pandas only: group keys as the index (as ``groupby`` does).
             session, model, max_tokens, temperature, seed, truncate: as for :meth:`filter`.
 
         Returns:
             With ``by``: a frame of the group keys and ``column``. Without: the one answer.
+
+        Raises:
+            PlanError: an unknown column, a bad option, or ``column`` naming a group key.
         """
         keys = [by] if isinstance(by, str) else list(by)
         self._check_columns(keys, "agg")
+        column = self._agg_column(column, keys)
         opts = Options(model, max_tokens, temperature, seed, truncate)
         call = self._call(CallKind.AGG, instruction, fields, opts.pairs(), "agg")
         query = _group_query(call, keys, sort=sort, dropna=dropna)
@@ -303,6 +309,21 @@ class LLMFrame:
         return out
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _agg_column(self, column: str | None, keys: Sequence[str]) -> str:
+        """The answer column's name: ``column``, or the first of answer, answer_1, ... unused."""
+        if column is None:
+            used = set(column_labels(self._data, self._kind))
+            return next(name for n in itertools.count()
+                        if (name := f"answer_{n}" if n else "answer") not in used)
+        if not isinstance(column, str) or not column:
+            raise PlanError(f"llm.agg(): 'column' must be a non-empty string, got {column!r}")
+        if column in keys:
+            raise PlanError(
+                f"llm.agg(): the answer column {column!r} is also a group key, so the result "
+                "would have two columns of that name; pass another name with column=..."
+            )
+        return column
 
     def _check_columns(self, names: Sequence[str], op: str) -> None:
         known = column_labels(self._data, self._kind)
@@ -407,7 +428,7 @@ class GroupByLLM:
         )
 
     def agg(
-        self, instruction: str, /, *fields: str, column: str = "answer",
+        self, instruction: str, /, *fields: str, column: str | None = None,
         session: Session | None = None, model: str | None = None,
         max_tokens: int | None = None, temperature: float | None = None,
         seed: int | None = None, truncate: bool = False,
@@ -417,7 +438,10 @@ class GroupByLLM:
         Args:
             instruction: what to answer about each group.
             *fields: columns of each row put in the group's prompt.
-            column: the name of the answer column.
+            column: the name of the answer column. None (the default): ``answer``, or
+                ``answer_1`` (``answer_2``, ...) if the frame has a column named ``answer``,
+                so it never clashes with a data column or group key (see
+                :meth:`LLMFrame.agg`). A name that is a group key is a PlanError.
             session, model, max_tokens, temperature, seed, truncate: as for
                 :meth:`LLMFrame.filter`.
 

@@ -308,3 +308,31 @@ def test_real_model_accessor_matches_sql(model_session: llmsql.Session) -> None:
     assert kept["id"].tolist() == want_ids["id"].tolist()
     assert labels["label"].tolist() == want_labels["label"].tolist()
     assert set(labels["label"]) <= {"positive", "negative"}
+
+
+# ---- the answer column's name never clashes with the frame's columns -------------------------
+
+
+@pytest.fixture
+def quiz() -> pd.DataFrame:
+    """A frame with a data column named ``answer``: the agg default must not take its name."""
+    return pd.DataFrame({"answer": ["Paris", "Paris", "Rome"],
+                         "review": ["Great fun", "Dull", "Great"]})
+
+
+def test_groupby_agg_default_name_avoids_an_answer_column(con: llmsql.Session,
+                                                          quiz: pd.DataFrame) -> None:
+    got = quiz.groupby("answer").llm.agg("Count the reviews", "review", session=con)
+    assert got.index.name == "answer" and list(got.columns) == ["answer_1"]
+    assert got["answer_1"].to_dict() == {"Paris": "2", "Rome": "1"}
+    flat = quiz.groupby("answer", as_index=False).llm.agg("Count the reviews", "review",
+                                                          session=con)
+    assert list(flat.columns) == ["answer", "answer_1"]
+    taken = quiz.assign(answer_1=0).llm.agg("Count", "review", by="answer", session=con)
+    assert list(taken.columns) == ["answer_2"]
+
+
+def test_agg_column_naming_a_group_key_is_a_plan_error(con: llmsql.Session,
+                                                       quiz: pd.DataFrame) -> None:
+    with pytest.raises(PlanError, match=r"'answer' is also a group key.*column="):
+        quiz.groupby("answer").llm.agg("Count", "review", column="answer", session=con)
