@@ -195,6 +195,9 @@ def _write(table, path: str) -> None:  # type: ignore[no-untyped-def]
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
+    if table.num_rows == 0 and (path == "-" or path.lower().endswith(".csv")):
+        print("note: the result is empty, so the CSV holds only the header and its column "
+              "types are lost; write .parquet to keep them", file=sys.stderr)
     if path == "-":
         pcsv.write_csv(table, sys.stdout.buffer)
         return
@@ -245,14 +248,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         summary = result.stats.summary()
         if args.stats and summary:
             print(summary, file=sys.stderr)
-        nulls = result.stats.null_answers + result.stats.failed
-        if nulls:
-            print(f"note: {nulls} LLM answer(s) could not be used and are NULL "
-                  "(run with --stats for details)", file=sys.stderr)
+        note = _null_note(result.stats.null_answers + result.stats.failed, stats=args.stats)
+        if note:
+            print(note, file=sys.stderr)
         if args.stats:
             for err in con.last_errors()[:5]:
                 print(f"  {err.where}: {err.kind}: {err.reason}", file=sys.stderr)
     return 0
+
+
+def _null_note(nulls: int, *, stats: bool) -> str:
+    """The note on NULL answers ('' when there are none); --stats already gives the details."""
+    if not nulls:
+        return ""
+    hint = "" if stats else " (run with --stats for details)"
+    return f"note: {nulls} LLM answer(s) could not be used and are NULL{hint}"
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -307,9 +317,22 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_known_warnings() -> None:
+    """Keep warnings the user can do nothing about off the command's output.
+
+    Only the command does this; library users keep Python's warning settings. transformers
+    warns about the ``past_key_values`` form on every generation (a FutureWarning meant for
+    the backend's authors, not for someone running a query).
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"(?s).*past_key_values", category=FutureWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``llmsql`` command."""
     args = _parser().parse_args(argv)
+    _quiet_known_warnings()
     try:
         commands = {"run": _cmd_run, "explain": _cmd_explain, "serve": _cmd_serve}
         return commands[args.command](args)

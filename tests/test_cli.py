@@ -146,3 +146,31 @@ def test_preview_honours_max_rows() -> None:
     assert re.search(r"│\s+39 │", p.stdout), p.stdout
     assert "(60 more rows)" in p.stdout
 
+
+
+def test_null_note_points_to_stats_only_without_it() -> None:
+    from llmsql.cli import _null_note
+
+    assert "--stats" in _null_note(2, stats=False)
+    assert "--stats" not in _null_note(2, stats=True)
+    assert _null_note(0, stats=False) == ""
+
+def test_cli_silences_only_the_past_key_values_warning() -> None:
+    import warnings
+
+    from llmsql.cli import _quiet_known_warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _quiet_known_warnings()
+        warnings.warn("Passing a tuple of `past_key_values` is deprecated", FutureWarning,
+                      stacklevel=1)
+        warnings.warn("something else", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["something else"]
+
+def test_empty_csv_output_says_types_are_lost(tmp_path: Path) -> None:
+    p = cli("run", "-e", "SELECT 1 AS n WHERE false", "--output", str(tmp_path / "e.csv"))
+    assert p.returncode == 0, p.stderr
+    assert "parquet" in p.stderr and "empty" in p.stderr
+    p = cli("run", "-e", "SELECT 1 AS n WHERE false", "--output", str(tmp_path / "e.parquet"))
+    assert "empty" not in p.stderr
