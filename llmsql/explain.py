@@ -8,8 +8,11 @@ and how long it took; with ANALYZE, the measured counterparts.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from sqlglot import exp
 
 from llmsql.executors.llm_step import CallStats
 from llmsql.optimizer.cost import CallCost, CostModel, call_cost
@@ -98,6 +101,20 @@ def _measured_lines(s: CallStats) -> list[str]:
     ]
 
 
+def _uncommented(tree: exp.Expression) -> exp.Expression:
+    copy = tree.copy()
+    for node in copy.walk():
+        node.comments = None
+    return copy
+
+
+def _without_comments(plan: QueryPlan) -> QueryPlan:
+    """``plan`` without SQL comments: sqlglot keeps a file's header comments on the nodes,
+    and they would be repeated in every ``input:`` and ``Final:`` line."""
+    calls = tuple(dataclasses.replace(c, input=_uncommented(c.input)) for c in plan.calls)
+    return dataclasses.replace(plan, calls=calls, final=_uncommented(plan.final))
+
+
 def render(
     plans: Sequence[QueryPlan],
     stats: Sequence[CallStats],
@@ -112,7 +129,7 @@ def render(
     batch_of = {b.call.id: (b, rows) for b, rows in batches}
     lines: list[str] = []
     for plan in plans:
-        lines.append(plan.explain())
+        lines.append(_without_comments(plan).explain())
         for call in plan.calls:
             s = by_id.get(call.id)
             if s is None:

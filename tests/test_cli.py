@@ -147,7 +147,6 @@ def test_preview_honours_max_rows() -> None:
     assert "(60 more rows)" in p.stdout
 
 
-
 def test_null_note_points_to_stats_only_without_it() -> None:
     from llmsql.cli import _null_note
 
@@ -174,3 +173,14 @@ def test_empty_csv_output_says_types_are_lost(tmp_path: Path) -> None:
     assert "parquet" in p.stderr and "empty" in p.stderr
     p = cli("run", "-e", "SELECT 1 AS n WHERE false", "--output", str(tmp_path / "e.parquet"))
     assert "empty" not in p.stderr
+
+
+
+def test_explain_of_file_has_no_comments_in_plan_lines(tmp_path: Path) -> None:
+    query = tmp_path / "q.sql"
+    query.write_text("-- my header comment\n-- second line\n"
+                     f"SELECT id FROM '{SAMPLE}' WHERE LLM_FILTER('About a team?', title)\n")
+    p = cli("explain", str(query))
+    assert p.returncode == 0, p.stderr
+    assert "header comment" not in p.stdout, p.stdout
+    assert "/*" not in p.stdout
