@@ -18,6 +18,7 @@ from typing import Any
 from llmsql.errors import ConfigError, LLMSQLError, QueryInterrupted
 
 WRITERS = (".parquet", ".pq", ".csv", ".json", ".jsonl", ".ndjson")
+DRY_RUN_LABEL = "dry run: made-up answers, not a result"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar (default: when stderr is a terminal)")
     run.add_argument("--stats", action="store_true", help="print per-call statistics")
+    run.add_argument("--dry-run", action="store_true", help="load no model: every LLM call "
+                     "gets a made-up valid answer (try a query's shape for free; not a result)")
     run.add_argument("--analyze", action="store_true",
                      help="print the plan with estimated and measured figures (EXPLAIN ANALYZE)")
     exp = sub.add_parser("explain", help="print the optimized plan without loading a model")
@@ -234,7 +237,9 @@ def _write_json(table, path: Path, *, array: bool) -> None:  # type: ignore[no-u
 def _cmd_run(args: argparse.Namespace) -> int:
     _check_output(args.output)
     query = _query_text(args)
-    with _session(args, progress=args.progress) as con:
+    if args.dry_run:
+        print(DRY_RUN_LABEL, file=sys.stderr)
+    with _session(args, dry_run=args.dry_run, progress=args.progress) as con:
         if args.analyze:
             explained = con.explain(query, analyze=True)
             print(explained.text, file=sys.stderr)
@@ -244,6 +249,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.output:
             _write(result.arrow(), args.output)
         else:
+            if args.dry_run:
+                print(DRY_RUN_LABEL)
             result.show(args.max_rows)
         summary = result.stats.summary()
         if args.stats and summary:

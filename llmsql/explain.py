@@ -11,14 +11,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-from sqlglot import exp
+from typing import TYPE_CHECKING
 
 from llmsql.executors.llm_step import CallStats
 from llmsql.optimizer.cost import CallCost, CostModel, call_cost
 from llmsql.plan import PromptBatch, QueryPlan
 from llmsql.udfs import REGISTRY
 from llmsql.udfs.base import CallKind
+
+if TYPE_CHECKING:
+    from sqlglot import exp
 
 SAMPLE_FOR_TOKENIZER = 500
 

@@ -175,7 +175,6 @@ def test_empty_csv_output_says_types_are_lost(tmp_path: Path) -> None:
     assert "empty" not in p.stderr
 
 
-
 def test_explain_of_file_has_no_comments_in_plan_lines(tmp_path: Path) -> None:
     query = tmp_path / "q.sql"
     query.write_text("-- my header comment\n-- second line\n"
@@ -184,3 +183,11 @@ def test_explain_of_file_has_no_comments_in_plan_lines(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     assert "header comment" not in p.stdout, p.stdout
     assert "/*" not in p.stdout
+
+
+
+def test_dry_run_is_labelled() -> None:
+    p = cli("run", "--dry-run", "-e", "SELECT LLM('Say hi.', a) AS s FROM (SELECT 'x' AS a)")
+    assert p.returncode == 0, p.stderr
+    assert "dry run: made-up answers, not a result" in p.stderr
+    assert "dry run: made-up answers, not a result" in p.stdout
