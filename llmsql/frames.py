@@ -10,6 +10,7 @@ module-level session exists, as a notebook convenience at the API edge.
 
 from __future__ import annotations
 
+import atexit
 import enum
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -37,18 +38,30 @@ class _DefaultSession:
     def __init__(self) -> None:
         self.session: Session | None = None
         self.owned = False
+        self.hooked = False
 
     def get(self) -> Session:
         if self.session is None:
             from llmsql.session import connect
 
             self.session, self.owned = connect(), True
+            if not self.hooked:
+                # Closed at interpreter exit: left to teardown, the DuckDB objects it holds
+                # are reported as "nanobind: leaked N instances" on stderr.
+                atexit.register(self.close_owned)
+                self.hooked = True
         return self.session
 
     def set(self, session: Session | None) -> None:
-        if self.owned and self.session is not None and self.session is not session:
-            self.session.close()
+        if self.session is not session:
+            self.close_owned()
         self.session, self.owned = session, False
+
+    def close_owned(self) -> None:
+        """Close the session if llmsql opened it (the next :meth:`get` opens a new one)."""
+        if self.owned and self.session is not None:
+            self.session.close()
+            self.session, self.owned = None, False
 
 
 _DEFAULT = _DefaultSession()

@@ -24,6 +24,7 @@ query runs, a progress bar shows prompts done, tokens/s, prefix-cache hits and t
 # mypy: disable-error-code="no-untyped-call,untyped-decorator"
 from __future__ import annotations
 
+import atexit
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -169,8 +170,14 @@ def session_tables(session: Session, /) -> set[str]:
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """Register the magics with ``ipython`` (``%load_ext llmsql``)."""
-    ipython.register_magics(LLMSQLMagics(ipython))
+    """Register the magics with ``ipython`` (``%load_ext llmsql``).
+
+    The sessions they open are closed on ``%unload_ext llmsql`` or at interpreter exit (left
+    to teardown, their DuckDB objects are reported as "nanobind: leaked N instances").
+    """
+    magics = LLMSQLMagics(ipython)
+    ipython.register_magics(magics)
+    atexit.register(magics.close)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
@@ -178,3 +185,4 @@ def unload_ipython_extension(ipython: Any) -> None:
     magics = ipython.magics_manager.registry.get(LLMSQLMagics.__name__)
     if isinstance(magics, LLMSQLMagics):
         magics.close()
+        atexit.unregister(magics.close)

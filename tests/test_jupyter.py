@@ -6,6 +6,7 @@ deterministic rule function (tests/answers.py).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -210,3 +211,27 @@ def test_notebook_extra_gives_tqdm_its_widget_bar() -> None:
     widget_bar, problems = done.stdout.splitlines()[-2:]
     assert problems == "[]", done.stdout
     assert widget_bar == "True"
+
+
+EXIT_SCRIPTS = {
+    "magic": (  # the line magic on the default session, never closed
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "sh = InteractiveShell.instance()\n"
+        "sh.run_line_magic('load_ext', 'llmsql')\n"
+        "print(sh.run_line_magic('llmsql', 'SELECT 1 AS one')['one'][0])\n"
+        "print(sh.run_cell_magic('llmsql', '--dry-run', \"SELECT LLM_FILTER('Ok?', 'x') AS f\")"
+        "['f'][0])\n"
+    ),
+    "sql": "import llmsql\nprint(llmsql.sql('SELECT 1 AS one').df()['one'][0])\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXIT_SCRIPTS))
+def test_sessions_left_open_are_closed_at_exit(name: str) -> None:
+    """A script that never closes the sessions llmsql opened for it exits quietly: no
+    'nanobind: leaked N instances' report about DuckDB objects they held."""
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPTS[name]], capture_output=True,
+                          text=True, timeout=120, check=True,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert done.stdout.split()[:1] == ["1"]
+    assert "leaked" not in done.stderr, done.stderr[:2000]
