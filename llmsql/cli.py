@@ -234,34 +234,114 @@ def _write_json(table, path: Path, *, array: bool) -> None:  # type: ignore[no-u
         con.close()
 
 
+def _statements(query: str) -> list[tuple[str, Any]]:
+    """Each ``;``-separated statement of ``query``: its text and its sqlglot tree.
+
+    A statement's text keeps its place in ``query`` (what precedes it is blanked, newlines
+    kept), so errors and progress name the same line and column as in the whole query.
+    """
+    import re
+
+    from sqlglot.tokens import TokenType
+
+    from llmsql.dialect import LLMSQL
+    from llmsql.parse import parse
+
+    parse(query)  # a syntax error is reported for the whole query, before anything runs
+    bounds, start, seen = [], 0, False
+    for tok in LLMSQL().tokenize(query):
+        if tok.token_type == TokenType.SEMICOLON:
+            if seen:
+                bounds.append((start, tok.start))
+            start, seen = tok.end + 1, False
+        else:
+            seen = True
+    if seen:
+        bounds.append((start, len(query)))
+    texts = [re.sub(r"[^\n]", " ", query[:a]) + query[a:b] for a, b in bounds]
+    return [(text, parse(text)[0]) for text in texts]
+
+
+def _returns_rows(tree: Any) -> bool:
+    from sqlglot import exp
+
+    return not isinstance(tree, exp.Set)
+
+
+def _check_one_result(statements: Sequence[tuple[str, Any]], path: str) -> None:
+    """--output holds one result: refuse a query where several statements return rows."""
+    rows = [str(i) for i, (_, tree) in enumerate(statements, 1) if _returns_rows(tree)]
+    if len(rows) > 1:
+        which = ", ".join(rows[:-1]) + " and " + rows[-1]
+        raise ConfigError(f"--output {path!r}: statements {which} all return rows, and the "
+                          "file holds one result; keep only the query whose result you want "
+                          "(SET statements before it are fine) or run them one at a time")
+
+
+def _run_statements(con: Any, args: argparse.Namespace, query: str,
+                    statements: Sequence[tuple[str, Any]]) -> list[Any]:
+    """Run the query; show (unless --output) and return the result of each statement that
+    returns rows (with --analyze: the query's last result)."""
+    if args.analyze:
+        explained = con.explain(query, analyze=True)
+        print(explained.text, file=sys.stderr)
+        results = [explained.result]
+    else:
+        # one statement at a time (settings persist in the session), so a preview shows
+        # each result as soon as it is there, and a trailing comment is no statement
+        results = []
+        for text, tree in statements:
+            result = con.sql(text)
+            if _returns_rows(tree):
+                results.append(result)
+                if not args.output:
+                    _show(result, args)
+    if args.analyze and not args.output:
+        _show(results[-1], args)
+    return results
+
+
+def _show(result: Any, args: argparse.Namespace) -> None:
+    if args.dry_run:
+        print(DRY_RUN_LABEL)
+    result.show(args.max_rows)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     _check_output(args.output)
     query = _query_text(args)
+    statements = _statements(query)
+    if args.output:
+        _check_one_result(statements, args.output)
     if args.dry_run:
         print(DRY_RUN_LABEL, file=sys.stderr)
     with _session(args, dry_run=args.dry_run, progress=args.progress) as con:
-        if args.analyze:
-            explained = con.explain(query, analyze=True)
-            print(explained.text, file=sys.stderr)
-            result = explained.result
-        else:
-            result = con.sql(query)
+        results = _run_statements(con, args, query, statements)
         if args.output:
-            _write(result.arrow(), args.output)
-        else:
-            if args.dry_run:
-                print(DRY_RUN_LABEL)
-            result.show(args.max_rows)
-        summary = result.stats.summary()
-        if args.stats and summary:
-            print(summary, file=sys.stderr)
-        note = _null_note(result.stats.null_answers + result.stats.failed, stats=args.stats)
-        if note:
-            print(note, file=sys.stderr)
-        if args.stats:
-            for err in con.last_errors()[:5]:
-                print(f"  {err.where}: {err.kind}: {err.reason}", file=sys.stderr)
+            _write(results[-1].arrow() if results else _no_columns(), args.output)
+        _report([r.stats for r in results], stats_flag=args.stats)
     return 0
+
+
+def _no_columns() -> Any:
+    import pyarrow as pa
+
+    return pa.table({})
+
+
+def _report(stats: Sequence[Any], *, stats_flag: bool) -> None:
+    """--stats lines and the note on NULL answers, over every statement run."""
+    if stats_flag:
+        summary = "\n".join(s.summary() for s in stats if s.summary())
+        if summary:
+            print(summary, file=sys.stderr)
+    note = _null_note(sum(s.null_answers + s.failed for s in stats), stats=stats_flag)
+    if note:
+        print(note, file=sys.stderr)
+    if stats_flag:
+        errors = [e for s in stats for c in s.calls for e in c.errors]
+        for err in errors[:5]:
+            print(f"  {err.where}: {err.kind}: {err.reason}", file=sys.stderr)
 
 
 def _null_note(nulls: int, *, stats: bool) -> str:

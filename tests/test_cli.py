@@ -185,9 +185,28 @@ def test_explain_of_file_has_no_comments_in_plan_lines(tmp_path: Path) -> None:
     assert "/*" not in p.stdout
 
 
-
 def test_dry_run_is_labelled() -> None:
     p = cli("run", "--dry-run", "-e", "SELECT LLM('Say hi.', a) AS s FROM (SELECT 'x' AS a)")
     assert p.returncode == 0, p.stderr
     assert "dry run: made-up answers, not a result" in p.stderr
     assert "dry run: made-up answers, not a result" in p.stdout
+
+
+
+def test_preview_shows_every_statement() -> None:
+    p = cli("run", "-e", "SELECT 101 AS first_one; SELECT 202 AS second_one")
+    assert p.returncode == 0, p.stderr
+    assert "first_one" in p.stdout and "101" in p.stdout
+    assert "second_one" in p.stdout and "202" in p.stdout
+
+
+
+def test_output_refuses_several_row_statements_but_allows_set_first(tmp_path: Path) -> None:
+    out = tmp_path / "o.csv"
+    p = cli("run", "-e", "SELECT 1 AS a; SELECT 2 AS b", "--output", str(out))
+    assert p.returncode == 1
+    assert "statements 1 and 2" in p.stderr and "Traceback" not in p.stderr
+    assert not out.exists()
+    p = cli("run", "-e", "SET llmsql.max_calls = 5; SELECT 2 AS b", "--output", str(out))
+    assert p.returncode == 0, p.stderr
+    assert out.read_text().splitlines() == ['"b"', "2"]
