@@ -192,13 +192,11 @@ def test_dry_run_is_labelled() -> None:
     assert "dry run: made-up answers, not a result" in p.stdout
 
 
-
 def test_preview_shows_every_statement() -> None:
     p = cli("run", "-e", "SELECT 101 AS first_one; SELECT 202 AS second_one")
     assert p.returncode == 0, p.stderr
     assert "first_one" in p.stdout and "101" in p.stdout
     assert "second_one" in p.stdout and "202" in p.stdout
-
 
 
 def test_output_refuses_several_row_statements_but_allows_set_first(tmp_path: Path) -> None:
