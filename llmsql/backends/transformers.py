@@ -584,9 +584,13 @@ class TransformersBackend:
             if len(rows) > 1 and self._margin > 0:
                 for r, row_scores in enumerate(scores):
                     if _score_margin(row_scores) < self._margin:
-                        self.canonical_reruns += 1
-                        scores[r] = self._score_choices([rows[r]], self._prefill([rows[r]])[0])[0]
+                        scores[r] = self._canonical_scores(rows[r])
         return [self._choice_response(*a) for a in zip(rows, scores, cached, strict=True)]
+
+    def _canonical_scores(self, e: _Encoded) -> list[float]:
+        """Score ``e``'s choices on the canonical path: alone, whole prompt."""
+        self.canonical_reruns += 1
+        return self._score_choices([e], self._prefill([e])[0])[0]
 
     def _choice_response(self, e: _Encoded, scores: Sequence[float], cached: int) -> Response:
         """Answer with the best-scoring choice (the earliest one on a tie)."""
