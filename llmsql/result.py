@@ -89,7 +89,8 @@ class Result:
     def df(self) -> Any:
         """The result as a pandas DataFrame, typed as DuckDB's own ``.df()`` types it.
 
-        E.g. ``SUM`` over integers (HUGEINT) is float64 and a NULL string is pandas' missing
+        E.g. ``SUM`` over integers (HUGEINT) stays an integer (nullable ``Int64``, where
+        DuckDB's own ``.df()`` gives float64) and a NULL string is pandas' missing
         string (None in pandas 2, NaN in pandas 3's ``str`` dtype); see
         :func:`llmsql.frames.to_pandas`.
         """
