@@ -1,8 +1,10 @@
 """llmsql: declarative batch LLM queries over relational data.
 
 ``import llmsql`` stays light: torch, transformers, vllm and pyspark are imported only
-when a backend or executor that needs them is built. It registers the pandas accessor
-``df.llm`` (:mod:`llmsql.dataframe`); IPython is imported only by ``%load_ext llmsql``.
+when a backend or executor that needs them is built, and neither pandas nor polars is
+imported: the accessors ``df.llm`` and ``pl_df.llm`` (:mod:`llmsql.dataframe`) are
+registered when the user imports them, before or after llmsql. IPython is imported only by
+``%load_ext llmsql``.
 """
 
 from __future__ import annotations

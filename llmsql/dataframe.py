@@ -7,11 +7,13 @@ as ``Session.sql``; nothing loops over rows in Python. Column names and values a
 as sqlglot nodes and rendered by the dialect, so they are always quoted, never spliced
 into SQL text.
 
-The frame may be a pandas DataFrame (``df.llm`` is registered on ``import llmsql``), a
-polars DataFrame or a pyarrow Table (``llmsql.frame(data)``, or ``pl_df.llm`` once
-:func:`register_polars_namespace` ran); results come back as the same kind of frame. Only
-the columns a call needs are handed to the engine, as Arrow (zero-copy for Arrow and
-polars input); rows keep their order and, for pandas, their index. Grouped answers:
+The frame may be a pandas DataFrame (``df.llm``), a polars DataFrame (``pl_df.llm``) or a
+pyarrow Table (``llmsql.frame(data)``); results come back as the same kind of frame.
+``import llmsql`` imports neither pandas nor polars: ``df.llm`` and ``pl_df.llm`` are
+registered as soon as the library is imported, before or after llmsql (see
+:func:`register_on_import`). Only the columns a call needs are handed to the engine, as
+Arrow (zero-copy for Arrow and polars input); rows keep their order and, for pandas, their
+index. Grouped answers:
 ``df.llm.agg(instruction, *fields, by=[...])`` or ``df.groupby([...]).llm.agg(...)``.
 
 >>> import llmsql, pandas as pd
@@ -29,12 +31,13 @@ from __future__ import annotations
 import difflib
 import itertools
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from importlib.machinery import ModuleSpec
 from numbers import Integral, Real
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import pyarrow as pa
 from sqlglot import exp
 
@@ -56,6 +59,8 @@ from llmsql.udfs.base import CallKind
 from llmsql.udfs.prompts import placeholders
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from llmsql.session import Session
 
 OUT_COL = "__llmsql_out"
@@ -460,7 +465,9 @@ class GroupByLLM:
 
 
 def register_pandas_accessor() -> None:
-    """Register ``df.llm`` and ``df.groupby(...).llm`` (idempotent)."""
+    """Register ``df.llm`` and ``df.groupby(...).llm`` (imports pandas; idempotent)."""
+    import pandas as pd
+
     if not hasattr(pd.DataFrame, "llm"):
         pd.api.extensions.register_dataframe_accessor("llm")(LLMFrame)
     from pandas.core.groupby import DataFrameGroupBy
@@ -477,6 +484,73 @@ def register_polars_namespace() -> None:
         pl.api.register_dataframe_namespace("llm")(LLMFrame)
 
 
-register_pandas_accessor()
-if "polars" in sys.modules:  # never import polars just for this: it is optional and slow
-    register_polars_namespace()
+REGISTRATIONS: tuple[tuple[str, Callable[[], None]], ...] = (
+    ("pandas", register_pandas_accessor),
+    ("polars", register_polars_namespace),
+)
+"""(frame library, the function that registers its ``.llm``), run once the library is
+imported."""
+
+
+class _RegisterOnImport:
+    """A ``sys.meta_path`` finder that runs a library's registration right after the
+    library's own ``__init__`` ran, so ``import llmsql`` needs to import neither pandas
+    (half a second) nor polars and ``df.llm`` still works whichever is imported first.
+
+    It finds nothing itself: it asks the finders after it for the spec and wraps that
+    spec's loader's ``exec_module`` (the module and its loader stay the library's own). It
+    leaves ``sys.meta_path`` once every library it waits for was imported.
+    """
+
+    def __init__(self, hooks: Mapping[str, Callable[[], None]]) -> None:
+        self._hooks = dict(hooks)
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: ModuleType | None = None) -> ModuleSpec | None:
+        """The library's own spec, with the registration after its ``exec_module``."""
+        hook = self._hooks.get(fullname)
+        if hook is None:
+            return None
+        spec = self._spec_after_me(fullname, path, target)
+        loader = spec.loader if spec is not None else None
+        if loader is not None and hasattr(loader, "exec_module"):
+            run = loader.exec_module
+
+            def exec_module(module: ModuleType) -> None:
+                run(module)
+                self._hooks.pop(fullname, None)
+                if not self._hooks and self in sys.meta_path:
+                    sys.meta_path.remove(self)
+                hook()
+
+            loader.exec_module = exec_module  # type: ignore[method-assign]  # this instance only
+        return spec
+
+    def _spec_after_me(self, fullname: str, path: Sequence[str] | None,
+                       target: ModuleType | None) -> ModuleSpec | None:
+        for finder in list(sys.meta_path):
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(fullname, path, target)
+            if spec is not None:
+                return spec  # type: ignore[no-any-return]
+        return None
+
+
+def register_on_import(
+    hooks: Sequence[tuple[str, Callable[[], None]]] = REGISTRATIONS, /
+) -> None:
+    """Run each library's registration now if it is imported already, else right after it
+    is (once; see :class:`_RegisterOnImport`). ``import llmsql`` calls this."""
+    waiting = {}
+    for name, hook in hooks:
+        if name in sys.modules:
+            hook()
+        else:
+            waiting[name] = hook
+    if waiting and not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport(waiting))
+
+
+register_on_import()

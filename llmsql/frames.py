@@ -1,5 +1,8 @@
 """Frames in and out: pandas, polars and Arrow; per-query tables; ``llmsql.sql``.
 
+pandas and polars are imported only where a frame of theirs is converted (``import llmsql``
+imports neither).
+
 ``llmsql.sql(query, name=frame, ...)`` runs SQL over frames passed by name; the DataFrame
 API (:mod:`llmsql.dataframe`) uses the same helpers to hand a frame's columns to the engine
 as Arrow and to give results back as the caller's kind of frame. When no session is
@@ -12,17 +15,19 @@ from __future__ import annotations
 
 import atexit
 import enum
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import duckdb
-import pandas as pd
 import pyarrow as pa
 
 from llmsql.errors import ConfigError
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from llmsql.session import Result, Session
 
 ROW_COL = "__llmsql_row"
@@ -119,7 +124,8 @@ def frame_kind(data: Any, /) -> FrameKind:
     Raises:
         ConfigError: ``data`` is not a pandas/polars DataFrame or a pyarrow Table.
     """
-    if isinstance(data, pd.DataFrame):
+    pd = sys.modules.get("pandas")  # never imported here: a frame of it means it is loaded
+    if pd is not None and isinstance(data, pd.DataFrame):
         return FrameKind.PANDAS
     if isinstance(data, pa.Table):
         return FrameKind.ARROW
@@ -241,6 +247,8 @@ def _whole_numbers(column: pa.ChunkedArray) -> pd.Series:
     >>> _whole_numbers(pa.chunked_array([pa.array([10**20], pa.decimal128(38, 0))])).tolist()
     [100000000000000000000]
     """
+    import pandas as pd
+
     try:
         return column.cast(pa.int64()).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
     except pa.ArrowInvalid:  # beyond int64

@@ -202,6 +202,46 @@ def test_polars_namespace(con: llmsql.Session, df: pd.DataFrame) -> None:
     assert pdf.llm.filter("Good?", "review", session=con)["id"].to_list() == [1, 4]
 
 
+def _fresh_python(code: str) -> str:
+    """Run ``code`` in a fresh interpreter (nothing imported yet); return its stdout."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    return out.stdout.strip()
+
+
+def test_import_llmsql_leaves_pandas_and_polars_unimported() -> None:
+    # pandas alone took 0.54 s of a 0.61 s import (issue 12, item 3)
+    code = ("import llmsql, sys; print(sorted(m for m in ('pandas', 'polars', 'torch', "
+            "'vllm', 'pyspark') if m in sys.modules))")
+    assert _fresh_python(code) == "[]"
+
+
+def test_accessors_registered_when_pandas_or_polars_is_imported_after_llmsql() -> None:
+    code = """
+import llmsql, sys
+assert "pandas" not in sys.modules and "polars" not in sys.modules
+import pandas as pd
+import polars as pl
+con = llmsql.connect(dry_run=True, progress=False)
+df = pd.DataFrame({"id": [1, 2], "g": ["a", "b"], "review": ["great", "bad"]})
+print(df.llm.filter("Good?", "review", session=con)["id"].tolist())
+print(df.groupby("g").llm.agg("Sum up.", "review", session=con).index.tolist())
+print(pl.from_pandas(df).llm.map("Say", "review", session=con).columns)
+con.close()
+"""
+    assert _fresh_python(code).splitlines() == [
+        "[1, 2]", "['a', 'b']", "['id', 'g', 'review', 'answer']"]
+
+
+def test_accessor_registered_when_pandas_is_imported_first() -> None:
+    code = ("import pandas as pd, llmsql; from pandas.core.groupby import DataFrameGroupBy; "
+            "print(hasattr(pd.DataFrame, 'llm'), hasattr(DataFrameGroupBy, 'llm'))")
+    assert _fresh_python(code) == "True True"
+
+
 def test_arrow_in_arrow_out_keeps_the_input_buffers(con: llmsql.Session,
                                                     df: pd.DataFrame) -> None:
     table = pa.Table.from_pandas(df, preserve_index=False)

@@ -47,7 +47,6 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from numpy.typing import NDArray
@@ -231,9 +230,14 @@ def _dedupe(enc: _Encoded) -> tuple[_Encoded, IntArray]:
 
 
 def _factorize(keys: IntArray) -> tuple[IntArray, int]:
-    """Dense codes ``0..k-1`` for int64 keys (hash based, in order of first appearance)."""
-    codes, uniques = pd.factorize(keys)
-    return codes.astype(np.int64, copy=False), len(uniques)
+    """Dense codes ``0..k-1`` for int64 keys (hash based, in order of first appearance, as
+    ``pandas.factorize`` gives them; Arrow's kernel, so pandas need not be imported).
+
+    >>> _factorize(np.array([7, 3, 7, 9], dtype=np.int64))
+    (array([0, 1, 0, 2]), 3)
+    """
+    enc = pc.dictionary_encode(pa.array(np.ascontiguousarray(keys, dtype=np.int64)))
+    return enc.indices.to_numpy().astype(np.int64), len(enc.dictionary)
 
 
 def _count(keys: IntArray, mult: IntArray) -> tuple[IntArray, IntArray]:
@@ -630,8 +634,8 @@ def _pack(rows: IntArray, perm: IntArray) -> Ordering:
     sent = perm[rows]
     if m <= 12:  # m ** m fits in int64: one integer per field order
         codes = sent @ (m ** np.arange(m, dtype=np.int64))
-        index, uniq = pd.factorize(codes)
-        first = np.empty(len(uniq), dtype=np.int64)
+        index, distinct = _factorize(codes)
+        first = np.empty(distinct, dtype=np.int64)
         first[index[::-1]] = np.arange(n - 1, -1, -1)  # earliest position of each order
         firsts = sent[first]
     else:
