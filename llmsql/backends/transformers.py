@@ -42,6 +42,11 @@ Constrained choice is exact: the answer is the choice ``c`` maximizing
 ``log P(tokens(c) + <eos> | prompt)``, the likelihood that the model's whole answer is exactly
 ``c``; all choices of a request reuse the prompt's KV.
 
+A request with a ``json_schema`` decodes under a grammar (:mod:`llmsql.backends.grammar`,
+on ``outlines_core``): each step masks the tokens that would leave the schema, or that would
+leave too few tokens of ``max_tokens`` to finish a valid answer, so every answer parses. A
+budget too small for the shortest valid answer gets an error response.
+
 torch and transformers are imported only inside this module's functions and methods.
 """
 
@@ -64,6 +69,8 @@ if TYPE_CHECKING:
 
     import torch
     from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+    from llmsql.backends.grammar import TokenGrammar
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +253,7 @@ class TransformersBackend:
         self.capabilities = Capabilities(
             prefix_caching=True,
             constrained_choice=True,
-            json_schema=False,
+            json_schema=_has_grammar_library(),
             max_model_len=self._max_len,
             reports_cached_tokens=True,
             block_size=1,
@@ -257,6 +264,8 @@ class TransformersBackend:
         self.canonical_reruns = 0
         """Requests answered again on the canonical path (a decision was nearly tied)."""
         self._model: PreTrainedModel | None = None
+        self._grammars: dict[str, TokenGrammar] = {}
+        self._vocabulary: Any = None
         self._lock = threading.Lock()  # one batch at a time; fast tokenizers are not reentrant
         self._load(spec.option("threads"))
 
@@ -365,12 +374,33 @@ class TransformersBackend:
         choice_lens = [len(self._choice_ids(c)) for c in e.request.choices or ()]
         if 0 in choice_lens:
             return "a choice is empty and the model has no end-of-sequence token; drop it"
+        if e.request.json_schema is not None:
+            problem = self._schema_problem(e)
+            if problem is not None:
+                return problem
         need = n + max(choice_lens, default=1)
         if need <= self._max_len:
             return None
         return (
             f"prompt has {n} tokens (chat template included) and needs {need} with its answer, "
             f"but max_model_len is {self._max_len}; shorten the prompt or raise max_model_len"
+        )
+
+    def _schema_problem(self, e: _Encoded) -> str | None:
+        """Why ``e``'s JSON schema cannot be answered within its budget, or None."""
+        if e.request.choices is not None:
+            return "a request cannot have both choices and a JSON schema; pass one of them"
+        try:
+            grammar = self._grammar(e.request)
+        except ConfigError as exc:
+            return str(exc)
+        assert grammar is not None
+        need, budget = grammar.min_tokens(), self._budget(e)
+        if need <= budget:
+            return None
+        return (
+            f"the shortest answer that fits the JSON schema takes {need} tokens but only "
+            f"{budget} may be generated; raise max_tokens (or max_model_len)"
         )
 
     # ----------------------------------------------------------------- running
@@ -503,28 +533,76 @@ class TransformersBackend:
         budgets = [self._budget(e) for e in rows]
         pickers = [self._picker(e.request) for e in rows]
         guarded = [guard and self._margin > 0 and e.request.temperature <= 0 for e in rows]
+        grammars = [self._grammar(e.request) for e in rows]
+        gstate = [g.initial if g is not None else 0 for g in grammars]
+        done = [False] * len(rows)
         outputs: list[list[int]] = [[] for _ in rows]
         unsure: list[int] = []
         active = list(range(len(rows)))
         state = self._keep(state, active, [k for k, b in enumerate(budgets) if b > 0])
         active = [i for i in active if budgets[i] > 0]
         while active:
-            picked = [pickers[i](state.logits[k]) for k, i in enumerate(active)]
-            close = self._near_ties(state.logits) if any(guarded[i] for i in active) else None
+            logits = self._constrain(state.logits, active, grammars, gstate, [
+                budgets[i] - len(outputs[i]) for i in active])
+            picked = [pickers[i](logits[k]) for k, i in enumerate(active)]
+            close = self._near_ties(logits) if any(guarded[i] for i in active) else None
             for k, (i, tok) in enumerate(zip(active, picked, strict=True)):
                 outputs[i].append(tok)
                 if close is not None and guarded[i] and close[k]:
                     unsure.append(i)
+                g = grammars[i]
+                if g is not None:
+                    nxt = g.next_state(gstate[i], tok)
+                    done[i] = nxt is None or g.is_done(nxt)
+                    gstate[i] = gstate[i] if nxt is None else nxt
             going = [
                 k
                 for k, i in enumerate(active)
-                if i not in unsure and not self._finished(rows[i], outputs[i], budgets[i])
+                if i not in unsure
+                and not done[i]
+                and not self._finished(rows[i], outputs[i], budgets[i])
             ]
             state = self._keep(state, active, going)
             active = [active[k] for k in going]
             if active:
                 self._step(state, [picked[k] for k in going])
         return outputs, sorted(unsure)
+
+    def _constrain(
+        self,
+        logits: torch.Tensor,
+        active: Sequence[int],
+        grammars: Sequence[TokenGrammar | None],
+        states: Sequence[int],
+        left: Sequence[int],
+    ) -> torch.Tensor:
+        """Mask each grammar row's logits to the tokens its grammar allows with ``left`` to go."""
+        rows = [k for k, i in enumerate(active) if grammars[i] is not None]
+        if not rows:
+            return logits
+        out = logits.clone()
+        vocab = logits.shape[-1]
+        for k in rows:
+            i = active[k]
+            g = grammars[i]
+            assert g is not None
+            allowed = g.mask(states[i], left[k], vocab, self._device)
+            out[k] = out[k].masked_fill(~allowed, float("-inf"))
+        return out
+
+    def _grammar(self, request: Request) -> TokenGrammar | None:
+        """The compiled grammar of a JSON-constrained request (compiled once per schema)."""
+        if request.json_schema is None:
+            return None
+        grammar = self._grammars.get(request.json_schema)
+        if grammar is None:
+            from llmsql.backends.grammar import compile_schema, vocabulary
+
+            if self._vocabulary is None:
+                self._vocabulary = vocabulary(self._tokenizer, self._eos[0])
+            grammar = compile_schema(request.json_schema, self._vocabulary, self._eos)
+            self._grammars[request.json_schema] = grammar
+        return grammar
 
     def _near_ties(self, logits: torch.Tensor) -> list[bool]:
         """Per row: whether the two largest logits are within the invariance margin."""
@@ -658,6 +736,13 @@ def _cat_columns(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     import torch
 
     return torch.cat([left.to(right.dtype), right], dim=-1)
+
+
+def _has_grammar_library() -> bool:
+    """Whether ``outlines_core`` (JSON-schema constrained decoding) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("outlines_core") is not None
 
 
 # ------------------------------------------------------------------- options

@@ -91,11 +91,18 @@ def parse_schema(text: str, /) -> tuple[SchemaField, ...]:
 
 def json_schema(fields: tuple[SchemaField, ...], /) -> str:
     """The JSON schema constraining the answer to an object with these fields."""
-    props = {f.name: {"type": TYPES[f.type][1]} for f in fields}
+    props = {f.name: _property(f) for f in fields}
+    # Properties keep the schema's order: constrained decoders generate them in that order.
     return json.dumps(
-        {"type": "object", "properties": props, "required": [f.name for f in fields]},
-        sort_keys=True,
+        {"type": "object", "properties": props, "required": [f.name for f in fields]}
     )
+
+
+def _property(f: SchemaField) -> dict[str, str]:
+    prop = {"type": TYPES[f.type][1]}
+    if f.type == "DATE":
+        prop["format"] = "date"
+    return prop
 
 
 def _json_object(text: str) -> dict[str, Any] | None:

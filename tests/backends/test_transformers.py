@@ -186,7 +186,7 @@ def test_groups_of_unrelated_prompts_are_singletons() -> None:
 def test_capabilities_and_identity(backend: LLMBackend) -> None:
     caps = backend.capabilities
     assert caps.prefix_caching and caps.constrained_choice and caps.reports_cached_tokens
-    assert not caps.json_schema
+    assert caps.json_schema  # outlines_core grammars
     assert caps.max_model_len == 8192
     assert backend.name == "transformers"
     assert backend.model_id().startswith("transformers:")
@@ -310,10 +310,70 @@ def test_too_long_prompt_gets_an_error_response(backend: LLMBackend) -> None:
     assert ok.error is None and ok.text
 
 
+ORDER_SCHEMA = json.dumps({
+    "type": "object",
+    "properties": {
+        "product": {"type": "string"},
+        "price": {"type": "number"},
+        "quantity": {"type": "integer"},
+        "happy": {"type": "boolean"},
+    },
+    "required": ["product", "price", "quantity", "happy"],
+})
+
+
+def _valid_order(text: str) -> bool:
+    obj = json.loads(text)
+    return (
+        list(obj) == ["product", "price", "quantity", "happy"]
+        and isinstance(obj["product"], str)
+        and isinstance(obj["price"], (int, float)) and not isinstance(obj["price"], bool)
+        and isinstance(obj["quantity"], int) and not isinstance(obj["quantity"], bool)
+        and abs(obj["quantity"]) < 10**18
+        and isinstance(obj["happy"], bool)
+    )
+
+
 @pytest.mark.model
-def test_json_schema_generates_freely(backend: LLMBackend) -> None:
-    response = one(backend, Request('Give {"a": 1} back.', max_tokens=6, json_schema="{}"))
-    assert response.error is None and response.output_tokens > 0
+def test_json_schema_answers_always_parse(backend: LLMBackend) -> None:
+    """Before outlines_core grammars, the answers were prose ("The price paid is ...")."""
+    prompts = [
+        f"Review: I bought {n} mugs for ${3 * n}.{n}0 and {mood}. Extract the order."
+        for n, mood in [(1, "love them"), (2, "hate them"), (3, "they are fine"), (7, "wow")]
+    ]
+    (probe,) = backend.generate([Request(prompts[0], max_tokens=4, json_schema=ORDER_SCHEMA)])
+    assert probe.error is not None
+    least = int(probe.error.split("takes ")[1].split()[0])  # the shortest valid answer
+    assert 10 < least < 30
+    budgets = [64, 64, 24, least]
+    responses = backend.generate([
+        Request(p, max_tokens=b, json_schema=ORDER_SCHEMA) for p, b in zip(prompts, budgets)
+    ])
+    for r, b in zip(responses, budgets, strict=True):
+        assert r.error is None, r.error
+        assert _valid_order(r.text), r.text
+        assert 0 < r.output_tokens <= b
+    assert json.loads(responses[3].text)["product"] == ""  # the budget closed the string
+    (short,) = backend.generate([
+        Request(prompts[0], max_tokens=least - 1, json_schema=ORDER_SCHEMA)
+    ])
+    assert short.error is not None and f"takes {least} tokens" in short.error
+    assert "raise max_tokens" in short.error
+
+
+@pytest.mark.model
+def test_bad_json_schema_is_an_error_response(backend: LLMBackend) -> None:
+    (bad,) = backend.generate([Request("x", max_tokens=8, json_schema="{not json")])
+    assert bad.error is not None and "not valid JSON" in bad.error
+
+
+@pytest.mark.model
+def test_json_answers_do_not_depend_on_the_batch(backend: LLMBackend) -> None:
+    prompts = [f"Review {n}: {n} cards for ${5 * n}, {REVIEWS[n % 4]}" for n in range(6)]
+    reqs = [Request(p, max_tokens=40, json_schema=ORDER_SCHEMA) for p in prompts]
+    alone = [one(backend, r).text for r in reqs]
+    together = [r.text for r in backend.generate(reqs[::-1])][::-1]
+    assert together == alone
 
 
 @pytest.mark.model
