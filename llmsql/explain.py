@@ -48,11 +48,9 @@ class TokenCounter:
 
 def table_order_prompts(batch: PromptBatch) -> list[str]:
     """The call's distinct prompts in input (table) order with the written field order."""
-    seen: dict[str, None] = {}
-    for i in range(batch.n_rows):
-        if batch.rep is None or batch.rep[i] == i:
-            seen.setdefault(batch.call.template.render([c[i] for c in batch.values]), None)
-    return list(seen)
+    rep = batch.rep
+    rows = range(batch.n_rows) if rep is None else [i for i in range(batch.n_rows) if rep[i] == i]
+    return list(dict.fromkeys(batch.call.template.render_rows(batch.values, rows)))
 
 
 def expected_output_tokens(batch: PromptBatch, prompts: int) -> tuple[int, str]:
@@ -73,7 +71,7 @@ def _pct(part: int, whole: int) -> str:
 
 def _cost_lines(batch: PromptBatch, rows: Sequence[int], counter: TokenCounter,
                 model: CostModel) -> list[str]:
-    sent = [batch.prompt(i) for i in rows]
+    sent = batch.prompts(rows)
     table = table_order_prompts(batch)
     tokens_of, how = counter.per_prompt(sent + table)
     out_tokens, basis = expected_output_tokens(batch, len(sent))

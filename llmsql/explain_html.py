@@ -105,7 +105,7 @@ def _share(part: float, whole: float) -> float | None:
 def _expected(batch: PromptBatch, rows: Sequence[int], model: CostModel,
               ) -> tuple[float | None, float | None, int, float, float]:
     """Expected hit shares (plan, table order), max output tokens, prefill and decode s."""
-    sent = [batch.prompt(i) for i in rows]
+    sent = batch.prompts(rows)
     table = table_order_prompts(batch)
     tokens_of, _ = TokenCounter(None).per_prompt(sent + table)
     out_tokens, _ = expected_output_tokens(batch, len(sent))

@@ -9,6 +9,7 @@ reads answers from those lookups, so the engine never calls a model itself.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlglot import exp
@@ -122,8 +123,26 @@ class PromptBatch:
         """This batch with every row's prompt rendered once (rules after reordering use it)."""
         if self.rendered is not None:
             return self
-        return dataclasses.replace(self, rendered=tuple(self._render(i)
-                                                        for i in range(self.n_rows)))
+        return dataclasses.replace(self, rendered=tuple(self.prompts(range(self.n_rows))))
+
+    def prompts(self, rows: Sequence[int], /) -> list[str]:
+        """The prompts of ``rows`` (each as :meth:`prompt` gives it), rendered in bulk: one
+        :meth:`PromptTemplate.render_rows` per field order."""
+        if self.rendered is not None:
+            return [self.rendered[i] for i in rows]
+        template = self.call.template
+        if self.row_field_order is None:
+            return template.render_rows(self.values, rows)
+        by_order: dict[int, list[int]] = {}
+        for pos, row in enumerate(rows):
+            by_order.setdefault(self.row_field_order[row], []).append(pos)
+        out = [""] * len(rows)
+        for k, positions in by_order.items():
+            texts = template.render_rows(self.values, [rows[p] for p in positions],
+                                         self.field_orders[k])
+            for pos, text in zip(positions, texts, strict=True):
+                out[pos] = text
+        return out
 
     def send_order(self) -> tuple[int, ...]:
         """Rows to send, in order (all representatives when no rule chose an order)."""

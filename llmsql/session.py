@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import weakref
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any, cast
 
@@ -74,10 +74,12 @@ class Explain:
 
 
 def _write_jsonl(path: Path, prompts: tuple[str, ...]) -> None:
+    """One ``{"prompt": ...}`` per line, as ``json.dumps(..., ensure_ascii=False)`` writes it
+    (its own string encoder, called directly: a dumps call per prompt was a tenth of
+    EXPLAIN's time on 28k prompts)."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
-        for p in prompts:
-            f.write(json.dumps({"prompt": p}, ensure_ascii=False) + "\n")
+        f.writelines([f'{{"prompt": {encode_basestring(p)}}}\n' for p in prompts])
     tmp.replace(path)
 
 
@@ -261,7 +263,7 @@ class Session:
 
         def record(batch: PromptBatch, rows: tuple[int, ...]) -> None:
             batches.append((batch, rows))
-            sent.extend(batch.prompt(i) for i in rows)
+            sent.extend(batch.prompts(rows))
 
         plans: list[QueryPlan] = []
         backend_for = self._step_backend if analyze else dry_backend

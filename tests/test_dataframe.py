@@ -236,6 +236,22 @@ con.close()
         "[1, 2]", "['a', 'b']", "['id', 'g', 'review', 'answer']"]
 
 
+def test_explain_of_a_table_file_imports_no_pandas(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # pyarrow imports pandas the first time it converts Python or numpy values (pa.array,
+    # to_numpy) or groups a table; the optimizer and the LLM step avoid all three, so
+    # `llmsql explain` (W2: 28,479 rows) does not pay 0.2 s for it
+    table = tmp_path / "t.csv"
+    table.write_text("id,g,review\n1,a,great\n2,a,bad\n3,b,great\n")
+    code = f"""
+import sys
+from llmsql.cli import main
+code = main(["explain", "-t", "t={table}", "--prompts", "{tmp_path / 'p.jsonl'}",
+             "-e", "SELECT id FROM t WHERE LLM_FILTER('Good?', g, review)"])
+print(code, sorted(m for m in ("pandas", "pyarrow.dataset") if m in sys.modules))
+"""
+    assert _fresh_python(code).splitlines()[-1] == "0 []"
+
+
 def test_accessor_registered_when_pandas_is_imported_first() -> None:
     code = ("import pandas as pd, llmsql; from pandas.core.groupby import DataFrameGroupBy; "
             "print(hasattr(pd.DataFrame, 'llm'), hasattr(DataFrameGroupBy, 'llm'))")

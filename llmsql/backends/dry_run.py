@@ -42,19 +42,26 @@ class DryRunBackend:
 
     def generate(self, batch: Sequence[Request], /) -> list[Response]:
         """Fixed valid answers, one per request, in order."""
-        return [self._answer(r) for r in batch]
+        texts: dict[tuple[tuple[str, ...] | None, str | None], str] = {}
+        out = []
+        for r in batch:
+            kind = (r.choices, r.json_schema)
+            text = texts.get(kind)
+            if text is None:
+                text = texts[kind] = self._answer(r)
+            # the estimate, not the tokenizer: EXPLAIN counts tokens itself on a sample,
+            # and tokenizing every prompt here would dominate its run time
+            out.append(Response(text, prompt_tokens=estimate_tokens(r.prompt)))
+        return out
 
-    def _answer(self, r: Request) -> Response:
+    @staticmethod
+    def _answer(r: Request) -> str:
         if r.choices:
-            text = r.choices[0]
-        elif r.json_schema:
+            return r.choices[0]
+        if r.json_schema:
             props = json.loads(r.json_schema).get("properties", {})
-            text = json.dumps(dict.fromkeys(props))
-        else:
-            text = ""
-        # the estimate, not the tokenizer: EXPLAIN counts tokens itself on a sample, and
-        # tokenizing every prompt here would dominate its run time
-        return Response(text, prompt_tokens=estimate_tokens(r.prompt))
+            return json.dumps(dict.fromkeys(props))
+        return ""
 
     def count_tokens(self, text: str, /) -> int:
         """Tokens of ``text`` (exact with a tokenizer, else estimated)."""

@@ -15,8 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
+from llmsql.arrays import from_values, int64s, ints
 from llmsql.backends.base import BackendSpec, LLMBackend, Request, Response
 from llmsql.budget import BudgetMeter
 from llmsql.cache import ResultCache, reproducible, request_key
@@ -168,9 +170,24 @@ def _request(call: LLMCall, prompt: str, backend: LLMBackend) -> Request:
     )
 
 
+def _requests(call: LLMCall, prompts: Sequence[str], backend: LLMBackend) -> list[Request]:
+    """One request per prompt, as :func:`_request` builds it (the options the call's
+    requests share are worked out once)."""
+    r = _request(call, "", backend)
+    return [Request(p, r.max_tokens, r.temperature, r.seed, r.choices, r.json_schema)
+            for p in prompts]
+
+
 def _memo_key(backend: LLMBackend, req: Request) -> tuple[Any, ...]:
     return (backend.model_id(), req.max_tokens, req.temperature, req.seed, req.choices,
             req.json_schema, req.prompt)
+
+
+def _memo_keys(backend: LLMBackend, reqs: Sequence[Request]) -> list[tuple[Any, ...]]:
+    """:func:`_memo_key` of every request (the model identity asked once)."""
+    model = backend.model_id()
+    return [(model, r.max_tokens, r.temperature, r.seed, r.choices, r.json_schema, r.prompt)
+            for r in reqs]
 
 
 def _fit(call: LLMCall, prompt: str, values: Sequence[str], backend: LLMBackend,
@@ -294,16 +311,22 @@ def _send(
             out[i] = resp
             if resp.error is None:
                 env.memo[keys[i]] = resp
-            stats.sent += 1
-            stats.prompt_tokens += resp.prompt_tokens
-            stats.cached_tokens += resp.cached_tokens
-            stats.output_tokens += resp.output_tokens
+        _count_sent(answers, stats)
     if warmups:
         _warm_up(list(warmups), backend, stats)
     return [r for r in out if r is not None]
 
 
-def _parse(call: LLMCall, resp: Response, prompt: str, env: StepEnv, stats: CallStats) -> Any:
+def _count_sent(answers: Sequence[Response], stats: CallStats) -> None:
+    """Add answers the backend gave to the call's sent prompts and tokens."""
+    stats.sent += len(answers)
+    stats.prompt_tokens += sum(r.prompt_tokens for r in answers)
+    stats.cached_tokens += sum(r.cached_tokens for r in answers)
+    stats.output_tokens += sum(r.output_tokens for r in answers)
+
+
+def _parse(call: LLMCall, resp: Response, prompt: str, env: StepEnv, stats: CallStats,
+           parse: Callable[[str, Any], Parsed]) -> Any:
     if resp.error is not None:
         stats.failed += 1
         _reason(stats, call, "failed", resp.error, prompt)
@@ -315,7 +338,7 @@ def _parse(call: LLMCall, resp: Response, prompt: str, env: StepEnv, stats: Call
                 step=call.id,
             )
         return None
-    parsed: Parsed = REGISTRY[call.kind].parse(resp.text, call.options)
+    parsed = parse(resp.text, call.options)
     if not parsed.ok:
         stats.null_answers += 1
         _reason(stats, call, "unparseable", parsed.reason, prompt)
@@ -359,9 +382,10 @@ def _answer_prompts(
     """
     values: list[Any] = []
     edges = [*bounds, len(prompts)] if bounds else [0, len(prompts)]
+    parse = REGISTRY[call.kind].parse
     try:
-        reqs = [_request(call, p, backend) for p in prompts]
-        keys = [_memo_key(backend, r) for r in reqs]
+        reqs = _requests(call, prompts, backend)
+        keys = _memo_keys(backend, reqs)
         hits = _cache_hits(reqs, backend, env)
         if env.budget is not None:
             env.budget.check_step(call.where, call.options.model,
@@ -370,7 +394,7 @@ def _answer_prompts(
             part = {i - lo: r for i, r in hits.items() if lo <= i < hi}
             resps = _send(reqs[lo:hi], keys[lo:hi], part, backend, env, stats,
                           call.options.model, warmups if hi == len(prompts) else ())
-            values += [_parse(call, r, p, env, stats)
+            values += [_parse(call, r, p, env, stats, parse)
                        for r, p in zip(resps, prompts[lo:hi], strict=True)]
             env.progress.advance(hi - lo, sum(r.prompt_tokens + r.output_tokens for r in resps),
                                  sum(r.cached_tokens for r in resps))
@@ -447,10 +471,12 @@ def _needed_warmups(call: LLMCall, todo: Sequence[int], prompts: Sequence[str],
     must not need it)."""
     if not warm:
         return warm
-    reqs = [_request(call, p, backend) for p in prompts]
+    if env.cache is None and not env.memo:  # nothing answers a prompt: each one is sent
+        return {i: warm[i] for i in todo if i in warm}
+    reqs = _requests(call, prompts, backend)
     hits = _cache_hits(reqs, backend, env)
-    sent = {k for k, r in enumerate(reqs)
-            if k not in hits and _memo_key(backend, r) not in env.memo}
+    sent = {k for k, key in enumerate(_memo_keys(backend, reqs))
+            if k not in hits and key not in env.memo}
     return {i: warm[i] for k, i in enumerate(todo)
             if i in warm and _group_sends(prompts, k, prompts[k][: warm[i]], sent)}
 
@@ -515,16 +541,16 @@ def run_call(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table
         order = batch.send_order()
         stats.distinct_prompts = len(order)
         signature = _signature(call, backend)
-        keys = {i: (signature, tuple(c[i] for c in batch.values)) for i in order}
-        answers = {i: env.known[keys[i]] for i in order if keys[i] in env.known}
+        row_values = list(zip(*batch.values)) if batch.values else [()] * batch.n_rows
+        keys = {i: (signature, row_values[i]) for i in order}
+        known = env.known
+        answers = {i: known[keys[i]] for i in order if keys[i] in known} if known else {}
         todo = [i for i in order if i not in answers]
         stats.reused += len(answers)
         if env.on_batch is not None:
             env.on_batch(batch, tuple(todo))
-        prompts = [
-            _fit(call, batch.prompt(i), [c[i] for c in batch.values], backend, stats, env)
-            for i in todo
-        ]
+        prompts = [_fit(call, prompt, row_values[i], backend, stats, env)
+                   for i, prompt in zip(todo, batch.prompts(todo), strict=True)]
         env.progress.start(len(prompts), call.where)
         t0 = time.perf_counter()
         bounds = _rebound(batch.batches, order, set(answers))
@@ -564,14 +590,18 @@ def distinct_rows(table: pa.Table, columns: Sequence[str]) -> list[int]:
     n = table.num_rows
     if n == 0:
         return []
+    if not columns:
+        return [0]
+    import pyarrow.compute as pc  # not at import: 40 ms of `import llmsql`
+
     try:
-        grouped = (
-            table.select(list(columns))
-            .append_column("__llmsql_i", pa.array(range(n), type=pa.int64()))
-            .group_by(list(columns), use_threads=False)
-            .aggregate([("__llmsql_i", "min")])
-        )
-        return sorted(grouped.column("__llmsql_i_min").to_pylist())
+        # Arrow's hash kernel per column (the equality Table.group_by uses: -0.0 and NaN
+        # payloads kept apart, NULL a value of its own), then distinct code tuples; not
+        # group_by itself, whose first use imports pyarrow.dataset and with it pandas
+        codes = [ints(pc.dictionary_encode(table.column(c).combine_chunks(),
+                                           null_encoding="encode").indices) for c in columns]
+        first = np.unique(np.stack(codes, axis=1), axis=0, return_index=True)[1]
+        return sorted(first.tolist())
     except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):
         first: dict[str, int] = {}
         rows = zip(*[table.column(c).to_pylist() for c in columns], strict=True)
@@ -584,8 +614,8 @@ def _lookup(inputs: pa.Table, results: list[Any], call: LLMCall) -> pa.Table:
     """One row per distinct input tuple (the final query's lookups need exactly one)."""
     arg_cols = [c for c in inputs.column_names if c.startswith(ARG_PREFIX)]
     keep = distinct_rows(inputs, arg_cols)
-    column = pa.array([results[i] for i in keep] if results else [], type=result_type(call))
-    table = inputs.select(arg_cols).take(pa.array(keep, type=pa.int64()))
+    column = from_values([results[i] for i in keep] if results else [], result_type(call))
+    table = inputs.select(arg_cols).take(int64s(keep))
     return table.append_column(RESULT_COL, column)
 
 

@@ -67,19 +67,20 @@ def simulate_prefix_cache(
 ) -> list[int]:
     """Characters of each prompt served from an LRU prefix cache, in send order."""
     lru: OrderedDict[int, None] = OrderedDict()
+    touch, evict = lru.move_to_end, lru.popitem  # bound once: this loop runs per block
     hits: list[int] = []
     for prompt in prompts:
         hit, reused = True, 0
         for end in range(block_chars, len(prompt) + 1, block_chars):
             key = hash(prompt[:end])  # a block's identity is its whole prefix, as in vLLM
             if hit and key in lru:
-                lru.move_to_end(key)
+                touch(key)
                 reused += block_chars
                 continue
             hit = False
             lru[key] = None
             if len(lru) > capacity_blocks:
-                lru.popitem(last=False)
+                evict(last=False)
         hits.append(reused)
     return hits
 

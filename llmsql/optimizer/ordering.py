@@ -51,6 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from numpy.typing import NDArray
 
+from llmsql.arrays import int64s, ints, large_binary_scalar, large_strings
 from llmsql.errors import PlanError
 
 if TYPE_CHECKING:
@@ -154,11 +155,13 @@ def _dictionary(column: Column) -> tuple[IntArray, pa.Array]:
     """Codes and distinct values of one column (NULL is the empty string)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    arr = column if isinstance(column, pa.Array) else pa.array(column, type=pa.large_string())
+    arr = column if isinstance(column, pa.Array) else large_strings(column)
     if not pa.types.is_large_string(arr.type):
         arr = arr.cast(pa.large_string())
-    enc = pc.fill_null(arr, "").dictionary_encode()
-    return enc.indices.to_numpy().astype(np.int64), enc.dictionary
+    if arr.null_count:
+        arr = pc.fill_null(arr, large_strings([""])[0])
+    enc = arr.dictionary_encode()
+    return ints(enc.indices), enc.dictionary
 
 
 def _line_prefix(label: str, values: pa.Array, width: int) -> NDArray[np.uint8]:
@@ -174,8 +177,8 @@ def _line_prefix(label: str, values: pa.Array, width: int) -> NDArray[np.uint8]:
     if room <= 0 or not len(values):
         return out
     binary = pa.large_binary()
-    tail = pa.scalar(b"\n" + bytes(room), type=binary)
-    padded = pc.binary_join_element_wise(values.cast(binary), tail, pa.scalar(b"", type=binary))
+    tail = large_binary_scalar(b"\n" + bytes(room))
+    padded = pc.binary_join_element_wise(values.cast(binary), tail, large_binary_scalar(b""))
     cut = pc.binary_slice(padded, 0, room)
     bounds = np.frombuffer(cut.buffers()[1], dtype=np.int64)[cut.offset : cut.offset + len(cut) + 1]
     data = np.frombuffer(cut.buffers()[2], dtype=np.uint8)[bounds[0] : bounds[-1]]
@@ -196,8 +199,8 @@ def _encode(columns: Sequence[Column], names: Sequence[str], instruction: str,
     label_rank = np.argsort(np.argsort([f"{name}: " for name in names], kind="stable"))
     for j, (column, name) in enumerate(zip(columns, names, strict=True)):
         codes, values = _dictionary(column)
-        lens = pc.utf8_length(values).to_numpy().astype(np.int64)
-        order = pc.array_sort_indices(values).to_numpy()
+        lens = ints(pc.utf8_length(values))
+        order = ints(pc.array_sort_indices(values))
         within = np.empty(len(values), dtype=np.int64)
         within[order] = np.arange(len(values))
         items[:, j] = codes + offset
@@ -236,8 +239,8 @@ def _factorize(keys: IntArray) -> tuple[IntArray, int]:
     >>> _factorize(np.array([7, 3, 7, 9], dtype=np.int64))
     (array([0, 1, 0, 2]), 3)
     """
-    enc = pc.dictionary_encode(pa.array(np.ascontiguousarray(keys, dtype=np.int64)))
-    return enc.indices.to_numpy().astype(np.int64), len(enc.dictionary)
+    enc = pc.dictionary_encode(int64s(keys))
+    return ints(enc.indices), len(enc.dictionary)
 
 
 def _count(keys: IntArray, mult: IntArray) -> tuple[IntArray, IntArray]:

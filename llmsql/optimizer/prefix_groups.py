@@ -37,9 +37,10 @@ def group_starts(prompts: Sequence[str], *, min_shared: int) -> list[int]:
     characters beyond the common head with the prompt before it."""
     if not prompts:
         return []
-    head = common_head(prompts)
-    starts = [0]
-    for k in range(1, len(prompts)):
-        if lcp(prompts[k - 1], prompts[k]) < head + min_shared:
-            starts.append(k)
-    return starts
+    need = common_head(prompts) + min_shared
+    # lcp(a, b) >= need exactly when both are that long and their first ``need`` characters
+    # agree: one C-level compare per pair instead of a binary search
+    short = [len(p) < need for p in prompts]
+    heads = [p[:need] for p in prompts]
+    return [0, *(k for k in range(1, len(prompts))
+                 if short[k] or short[k - 1] or heads[k] != heads[k - 1])]

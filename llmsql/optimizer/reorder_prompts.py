@@ -41,7 +41,8 @@ def reorder_prompts(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
     # the solver sees the rows in one canonical order (by their values), so the field order
     # it gives a row, and so the row's prompt and answer, depend on the set of distinct rows
     # only: never on the table's row order, the engine or the batch sizes
-    reps = tuple(sorted(reps, key=lambda i: tuple(col[i] for col in batch.values)))
+    rows = list(zip(*batch.values)) if batch.values else [()] * batch.n_rows
+    reps = tuple(sorted(reps, key=rows.__getitem__))
     template = batch.call.template
     pinned, missing = _pinned_orders(batch, ctx, reps)
     if pinned is not None:  # even one row: the whole input may have given it another order

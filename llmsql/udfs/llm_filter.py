@@ -20,6 +20,8 @@ DEFAULT_MAX_TOKENS = 4
 _WORD = re.compile(r"[A-Za-z]+")
 _TRUE = {"yes", "true", "y"}
 _FALSE = {"no", "false", "n"}
+_YES = Parsed(True, True)
+_NO = Parsed(False, True)
 
 
 def parse(text: str, options: CallOptions, /) -> Parsed:
@@ -27,7 +29,7 @@ def parse(text: str, options: CallOptions, /) -> Parsed:
     m = _WORD.search(text)
     word = m.group(0).lower() if m else ""
     if word in _TRUE:
-        return Parsed(True, True)
+        return _YES
     if word in _FALSE:
-        return Parsed(False, True)
+        return _NO
     return Parsed(None, False, f"answer is neither yes nor no: {text[:60]!r}")
