@@ -22,7 +22,7 @@ answers on DuckDB and on Spark, with any partitioning and row order. Batched run
 an unbatched run by floating-point rounding only (float32: at most about 1e-4 in a logit,
 measured), which can flip a decision only where two candidates are nearly tied. So every
 greedy decision (each decoded token's top-2 logit margin, and the best-minus-second score of
-constrained choice) is checked against a margin (``invariance_margin``: 0.02 logits in
+constrained choice) is checked against a margin (``invariance_margin``: 0.002 logits in
 float32, 0.5 in 16-bit types): a decision inside it is not trusted, and that request is
 answered again on the *canonical path*: alone, the whole prompt in one forward pass (no
 padding, no shared prefix), then one token at a time. A request whose every decision cleared
@@ -94,11 +94,14 @@ MIN_SHARED_PREFIX = 8
 """Shortest prefix worth a separate forward pass (in tokens)."""
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-INVARIANCE_MARGIN = {"float32": 0.02, "bfloat16": 0.5, "float16": 0.5}
+INVARIANCE_MARGIN = {"float32": 0.002, "bfloat16": 0.5, "float16": 0.5}
 """Default margin (in logits) below which a greedy decision is re-decided on the canonical
 path, by compute type. Batch-dependent rounding measured on the embedded model in float32 is
-at most 7e-5 (64-row vs one-row prefill of 64 W1-style prompts); 16-bit types round about
-1,000 times coarser."""
+at most 7e-5 on prefill (64-row vs one-row prefill of 64 W1-style prompts) and 9.2e-5 over
+512 decode steps (16 W1 prompts, 32 tokens each, batch of 16 vs alone, teacher-forced): half
+the margin is 10 times that. 0.02 (the first default) re-answered about 6% of 32-token answers
+alone, which doubled the time of free-text calls; at 0.002 no step of those 512 was inside
+the margin. 16-bit types round about 1,000 times coarser."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,61 +535,81 @@ class TransformersBackend:
         """
         budgets = [self._budget(e) for e in rows]
         pickers = [self._picker(e.request) for e in rows]
-        guarded = [guard and self._margin > 0 and e.request.temperature <= 0 for e in rows]
+        greedy = [e.request.temperature <= 0 for e in rows]
+        guarded = [guard and self._margin > 0 and g for g in greedy]
         grammars = [self._grammar(e.request) for e in rows]
         gstate = [g.initial if g is not None else 0 for g in grammars]
-        done = [False] * len(rows)
         outputs: list[list[int]] = [[] for _ in rows]
         unsure: list[int] = []
-        active = list(range(len(rows)))
-        state = self._keep(state, active, [k for k, b in enumerate(budgets) if b > 0])
-        active = [i for i in active if budgets[i] > 0]
-        while active:
-            logits = self._constrain(state.logits, active, grammars, gstate, [
-                budgets[i] - len(outputs[i]) for i in active])
-            picked = [pickers[i](logits[k]) for k, i in enumerate(active)]
-            close = self._near_ties(logits) if any(guarded[i] for i in active) else None
-            for k, (i, tok) in enumerate(zip(active, picked, strict=True)):
+        # slots[k]: the row that state row k decodes, or None once it finished. Finished
+        # rows are dropped from the KV cache only when a quarter of the rows are done:
+        # each drop copies the whole cache, which costs more than a few padded rows.
+        slots: list[int | None] = [i if budgets[i] > 0 else None for i in range(len(rows))]
+        state, slots = self._compact(state, slots)
+        while slots:
+            live = [(k, i) for k, i in enumerate(slots) if i is not None]
+            logits = self._constrain(state.logits, live, grammars, gstate, outputs, budgets)
+            best = logits.argmax(-1).tolist() if any(greedy[i] for _, i in live) else []
+            close = self._near_ties(logits) if any(guarded[i] for _, i in live) else None
+            feed = [self._pad] * len(slots)
+            for k, i in live:
+                tok = best[k] if greedy[i] else pickers[i](logits[k])
                 outputs[i].append(tok)
+                feed[k] = tok
+                finished = self._finished(rows[i], outputs[i], budgets[i])
                 if close is not None and guarded[i] and close[k]:
                     unsure.append(i)
+                    finished = True
                 g = grammars[i]
                 if g is not None:
                     nxt = g.next_state(gstate[i], tok)
-                    done[i] = nxt is None or g.is_done(nxt)
+                    finished = finished or nxt is None or g.is_done(nxt)
                     gstate[i] = gstate[i] if nxt is None else nxt
-            going = [
-                k
-                for k, i in enumerate(active)
-                if i not in unsure
-                and not done[i]
-                and not self._finished(rows[i], outputs[i], budgets[i])
-            ]
-            state = self._keep(state, active, going)
-            active = [active[k] for k in going]
-            if active:
-                self._step(state, [picked[k] for k in going])
+                if finished:
+                    slots[k] = None
+            state, slots = self._compact(state, slots, feed)
+            if slots:
+                self._step(state, feed)
         return outputs, sorted(unsure)
+
+    def _compact(
+        self, state: _Rows, slots: list[int | None], feed: list[int] | None = None
+    ) -> tuple[_Rows, list[int | None]]:
+        """Drop finished rows from ``state`` once they are a quarter of it (all: none left).
+
+        ``feed`` (the next tokens, one per state row) is compacted alongside, in place.
+        """
+        done = sum(i is None for i in slots)
+        if done == 0 or (done * 4 < len(slots) and done < len(slots)):
+            return state, slots
+        going = [k for k, i in enumerate(slots) if i is not None]
+        if feed is not None:
+            feed[:] = [feed[k] for k in going]
+        return self._keep(state, list(range(len(slots))), going), [slots[k] for k in going]
 
     def _constrain(
         self,
         logits: torch.Tensor,
-        active: Sequence[int],
+        live: Sequence[tuple[int, int]],
         grammars: Sequence[TokenGrammar | None],
         states: Sequence[int],
-        left: Sequence[int],
+        outputs: Sequence[Sequence[int]],
+        budgets: Sequence[int],
     ) -> torch.Tensor:
-        """Mask each grammar row's logits to the tokens its grammar allows with ``left`` to go."""
-        rows = [k for k, i in enumerate(active) if grammars[i] is not None]
+        """Mask each grammar row's logits to the tokens its grammar allows in its budget.
+
+        ``live`` pairs a state row with the request row it decodes.
+        """
+        rows = [(k, i) for k, i in live if grammars[i] is not None]
         if not rows:
             return logits
         out = logits.clone()
         vocab = logits.shape[-1]
-        for k in rows:
-            i = active[k]
+        for k, i in rows:
             g = grammars[i]
             assert g is not None
-            allowed = g.mask(states[i], left[k], vocab, self._device)
+            left = budgets[i] - len(outputs[i])
+            allowed = g.mask(states[i], left, vocab, self._device)
             out[k] = out[k].masked_fill(~allowed, float("-inf"))
         return out
 

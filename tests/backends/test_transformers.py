@@ -414,7 +414,7 @@ def test_invariance_margin_must_be_a_non_negative_number() -> None:
 @pytest.mark.model
 def test_batching_changes_logits_by_rounding_only(backend: LLMBackend) -> None:
     """Why the guard exists: a batched prefill's float32 logits are not bit-equal to a lone
-    prompt's, but within 1e-3 (the guard's 0.02 margin is far outside that)."""
+    prompt's, but within 1e-3 (half the guard's 0.002 margin)."""
     import torch
 
     rows = sorted((backend._encode(i, r) for i, r in enumerate(_beer_requests()[:8])),  # type: ignore[attr-defined]
@@ -435,7 +435,11 @@ def test_answers_do_not_depend_on_batch_size_order_or_neighbours() -> None:
     reqs = _beer_requests()
     answers, reruns = {}, {}
     for size in (1, 7, 64):
-        b = get_backend(BackendSpec.make("transformers", None, threads=1, batch_size=size))
+        # The first default margin (0.02): near-ties then occur on these prompts, so the
+        # re-answering is exercised (the default 0.002 rarely needs it; tests/test_invariance.py
+        # runs the default).
+        b = get_backend(BackendSpec.make("transformers", None, threads=1, batch_size=size,
+                                         invariance_margin=0.02))
         order = list(range(len(reqs)))
         random.Random(size).shuffle(order)
         out = b.generate([reqs[i] for i in order])
