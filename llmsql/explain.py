@@ -1,49 +1,93 @@
 """EXPLAIN and EXPLAIN ANALYZE text: the plan, then per LLM call its cost figures.
 
-Per call: rows in, distinct prompts, prompt tokens (the model's tokenizer when available,
-else an estimate), expected cached tokens for the chosen plan and for table order, expected
-output tokens, estimated GPU-seconds (or dollars for priced models), what each rule changed
-and how long it took; with ANALYZE, the measured counterparts.
+Per call: rows in, distinct prompts, prompt tokens, expected cached tokens for the chosen plan
+and for table order, expected output tokens, estimated GPU-seconds (or dollars for priced
+models), what each rule changed and how long it took; with ANALYZE, the measured
+counterparts. Selectivity samples (a few rows of each of several LLM filters, answered to
+order them) are shown as calls of their own, and a last line sums the prompt tokens.
+
+**Prompt tokens** are the tokens the backend is sent, as its responses report them and
+ANALYZE sums them (``CallStats.prompt_tokens``, :attr:`llmsql.result.QueryStats.prompt_tokens`):
+each prompt sent once (a prompt answered earlier in the query, or by the result cache, is
+not sent), inside the model's chat template where the backend applies one (the
+``transformers`` and ``vllm`` backends do: 30 tokens per prompt on the embedded SmolLM2),
+counted with the model's tokenizer. Warm-ups (shared prefixes sent alone to warm an
+engine's cache) are not in it: EXPLAIN plans with the capabilities of the backend the query
+would run on (:mod:`llmsql.backends.profile`), and the local backends need none. Constrained
+choices (LLM_FILTER, LLM_CLASSIFY) score or decode their choices on top of the prompt; that
+is output, not prompt: the ``transformers`` backend reports the chosen answer's tokens plus
+the end-of-sequence token, vLLM one token where the choices' first tokens differ.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from llmsql.backends.profile import SendProfile
 from llmsql.executors.llm_step import CallStats
 from llmsql.optimizer.cost import CallCost, CostModel, call_cost
 from llmsql.plan import PromptBatch, QueryPlan
 from llmsql.udfs import REGISTRY
 from llmsql.udfs.base import CallKind
+from llmsql.udfs.llm_filter import CHOICES
 
 if TYPE_CHECKING:
     from sqlglot import exp
 
 SAMPLE_FOR_TOKENIZER = 500
+"""At most this many distinct prompts of a call are tokenized; more are estimated."""
+SAMPLE_CHARS = 120_000
+"""...and about this many characters of them (28,000 W2 prompts: 0.05 s, not 0.1 s)."""
 
 
 @dataclass(frozen=True, slots=True)
 class TokenCounter:
-    """Counts tokens: exactly on a sample with a tokenizer, scaled by characters elsewhere."""
+    """Counts prompts' tokens as sent: every prompt exactly when a call has few, else a
+    sample exactly and every prompt as the tokens around an empty prompt (the template's)
+    plus its length times the sample's tokens per character; without a tokenizer, one
+    token per 4 characters."""
 
     count: Callable[[str], int] | None
+    """A prompt's tokens as the backend is sent it (chat template included where the
+    backend applies one), or None: no tokenizer at hand."""
+    text: Callable[[str], Sequence[int]] | None = None
+    """A bare text's token ids (an answer's), or None."""
+    template: bool = False
+    """Whether ``count`` includes a chat template (EXPLAIN says so)."""
+
+    def tokens(self, *groups: Sequence[str]) -> tuple[list[list[int]], str]:
+        """Tokens of every prompt of each group, and how they were obtained."""
+        distinct = list(dict.fromkeys(itertools.chain.from_iterable(groups)))
+        if self.count is None or not distinct:
+            return ([[max(1, round(len(p) / 4)) for p in g] for g in groups],
+                    "estimated, 4 chars/token")
+        what = "model tokenizer and chat template" if self.template else "model tokenizer"
+        sample = _sample(distinct)
+        if len(sample) == len(distinct):
+            exact = {p: self.count(p) for p in distinct}
+            return [[exact[p] for p in g] for g in groups], what
+        base = self.count("")
+        ratio = (sum(map(self.count, sample)) - base * len(sample)) / max(
+            1, sum(map(len, sample)))
+        how = f"{what} on a {len(sample)}-prompt sample, scaled by length"
+        return [[max(1, base + round(len(p) * ratio)) for p in g] for g in groups], how
 
     def per_prompt(self, prompts: Sequence[str]) -> tuple[dict[str, int], str]:
         """Tokens of each distinct prompt, and how they were obtained."""
-        distinct = list(dict.fromkeys(prompts))
-        if self.count is None or not distinct:
-            return {p: max(1, round(len(p) / 4)) for p in distinct}, "estimated, 4 chars/token"
-        step = max(1, len(distinct) // SAMPLE_FOR_TOKENIZER)
-        sample = distinct[::step]
-        if len(sample) == len(distinct):
-            return {p: self.count(p) for p in distinct}, "model tokenizer"
-        chars = sum(len(p) for p in sample)
-        ratio = sum(self.count(p) for p in sample) / max(1, chars)
-        how = f"model tokenizer on a {len(sample)}-prompt sample, scaled by length"
-        return {p: max(1, round(len(p) * ratio)) for p in distinct}, how
+        (tokens,), how = self.tokens(prompts)
+        return dict(zip(prompts, tokens, strict=True)), how
+
+
+def _sample(distinct: Sequence[str]) -> Sequence[str]:
+    """Every ``step``-th prompt: at most :data:`SAMPLE_FOR_TOKENIZER` prompts and about
+    :data:`SAMPLE_CHARS` characters (all of them when that is fewer than twice as many)."""
+    chars = sum(map(len, distinct))
+    target = min(SAMPLE_FOR_TOKENIZER, max(1, SAMPLE_CHARS * len(distinct) // max(1, chars)))
+    return distinct[:: max(1, len(distinct) // target)]
 
 
 def table_order_prompts(batch: PromptBatch) -> list[str]:
@@ -53,9 +97,23 @@ def table_order_prompts(batch: PromptBatch) -> list[str]:
     return list(dict.fromkeys(batch.call.template.render_rows(batch.values, rows)))
 
 
-def expected_output_tokens(batch: PromptBatch, prompts: int) -> tuple[int, str]:
-    """Output tokens expected for ``prompts`` answers of this call, and the basis."""
+def expected_output_tokens(
+    batch: PromptBatch, prompts: int, *, profile: SendProfile = SendProfile(),
+    text: Callable[[str], Sequence[int]] | None = None,
+) -> tuple[int, str]:
+    """Output tokens expected for ``prompts`` answers of this call, and the basis.
+
+    Args:
+        batch: the call's batch.
+        prompts: how many prompts are sent.
+        profile: how the backend answers constrained choices.
+        text: the model's tokenizer for answers (token ids of a text), if at hand.
+    """
     call = batch.call
+    choices = CHOICES if call.kind is CallKind.FILTER else (
+        call.options.labels if call.kind is CallKind.CLASSIFY else None)
+    if choices and text is not None:
+        return _choice_output(choices, prompts, profile, text)
     if call.kind is CallKind.FILTER:
         return prompts, "1 per prompt (Yes/No)"
     if call.kind is CallKind.CLASSIFY and call.options.labels:
@@ -65,24 +123,63 @@ def expected_output_tokens(batch: PromptBatch, prompts: int) -> tuple[int, str]:
     return prompts * cap, f"at most {cap} per prompt (max_tokens)"
 
 
+def _choice_output(choices: Sequence[str], prompts: int, profile: SendProfile,
+                   text: Callable[[str], Sequence[int]]) -> tuple[int, str]:
+    """Output tokens of constrained choices, as the backend reports them."""
+    ids = [list(text(c)) for c in choices]
+    firsts = [t[0] for t in ids if t]
+    if profile.first_token_choice and len(firsts) == len(ids) == len(set(firsts)):
+        return prompts, "1 per prompt (the choice's first token)"
+    eos = int(profile.choice_eos)
+    lengths = {len(t) + eos for t in ids}
+    what = "Yes/No" if tuple(choices) == CHOICES else "the label"
+    what += " + end of sequence" if eos else ""
+    if len(lengths) == 1:
+        n = lengths.pop()
+        return prompts * n, f"{n} per prompt ({what})"
+    n = max(lengths)
+    return prompts * n, f"at most {n} per prompt ({what})"
+
+
 def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "-"
 
 
-def _cost_lines(batch: PromptBatch, rows: Sequence[int], counter: TokenCounter,
-                model: CostModel) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class CallEstimate:
+    """EXPLAIN's figures for one LLM call (or selectivity sample) and their bases."""
+
+    call_id: str
+    cost: CallCost
+    tokens_how: str
+    """How the prompt tokens were counted."""
+    output_basis: str
+    """How the output tokens were estimated."""
+    templated: bool = False
+    """Whether the prompt tokens include the chat template."""
+
+
+def estimate_call(batch: PromptBatch, rows: Sequence[int], counter: TokenCounter,
+                  model: CostModel, profile: SendProfile = SendProfile()) -> CallEstimate:
+    """The figures of one call from its optimized batch and the rows it sends."""
     sent = batch.prompts(rows)
     table = table_order_prompts(batch)
-    tokens_of, how = counter.per_prompt(sent + table)
-    out_tokens, basis = expected_output_tokens(batch, len(sent))
-    c: CallCost = call_cost(sent, table, tokens_of, out_tokens, model)
+    (sent_tokens, table_tokens), how = counter.tokens(sent, table)
+    out_tokens, basis = expected_output_tokens(batch, len(sent), profile=profile,
+                                               text=counter.text)
+    c = call_cost(sent, table, sent_tokens, table_tokens, out_tokens, model)
+    return CallEstimate(batch.call.id, c, how, basis, counter.template)
+
+
+def _cost_lines(e: CallEstimate) -> list[str]:
+    c = e.cost
     money = f", ${c.usd:,.4f}" if c.usd is not None else ""
     return [
-        f"    prompt tokens: {c.prompt_tokens:,} ({how})",
+        f"    prompt tokens: {c.prompt_tokens:,} ({e.tokens_how})",
         f"    expected cached tokens: {c.cached_tokens:,} ({_pct(c.cached_tokens, c.prompt_tokens)})"
         f" with this plan vs {c.cached_tokens_table_order:,} "
         f"({_pct(c.cached_tokens_table_order, c.prompt_tokens)}) in table order",
-        f"    expected output tokens: {c.output_tokens:,} ({basis})",
+        f"    expected output tokens: {c.output_tokens:,} ({e.output_basis})",
         f"    estimated GPU-seconds: {c.gpu_seconds:,.2f}{money}",
     ]
 
@@ -115,34 +212,70 @@ def _without_comments(plan: QueryPlan) -> QueryPlan:
     return dataclasses.replace(plan, calls=calls, final=_uncommented(plan.final))
 
 
+def _call_lines(s: CallStats, estimate: CallEstimate | None, analyze: bool) -> list[str]:
+    lines = [f"  {s.call_id} {s.where}: rows in {s.rows_in:,}, "
+             f"distinct prompts {s.distinct_prompts:,}"]
+    if estimate is not None:
+        lines += _cost_lines(estimate)
+    times = dict(s.rule_seconds)
+    lines += [f"    rule {note} ({times.get(note.split(':')[0], 0.0):.3f}s)"
+              for note in s.notes if ":" in note]
+    return lines + (_measured_lines(s) if analyze else [])
+
+
+def _by_plan(plans: Sequence[QueryPlan], stats: Sequence[CallStats]) -> list[list[CallStats]]:
+    """Each plan's calls' statistics in execution order, a selectivity sample (a call of no
+    plan) with the plan whose calls follow it."""
+    plan_of = {c.id: k for k, plan in enumerate(plans) for c in plan.calls}
+    groups: list[list[CallStats]] = [[] for _ in plans]
+    pending: list[CallStats] = []
+    for s in stats:
+        k = plan_of.get(s.call_id)
+        if k is None:
+            pending.append(s)
+        else:
+            groups[k] += [*pending, s]
+            pending = []
+    if groups and pending:
+        groups[-1] += pending
+    return groups
+
+
+def _total_line(stats: Sequence[CallStats], estimates: Sequence[CallEstimate],
+                analyze: bool) -> list[str]:
+    """The prompt tokens of every estimated call (LLM_AGG's are not: its reduce steps
+    depend on the answers), and with ANALYZE the measured ones of every call."""
+    if not estimates:
+        return []
+    total = sum(e.cost.prompt_tokens for e in estimates)
+    line = (f"  prompt tokens sent, {len(estimates)} call(s): {total:,} expected "
+            "(each prompt once, as the backend counts it")
+    line += ", chat template included)" if any(e.templated for e in estimates) else ")"
+    if analyze:
+        measured = sum(s.prompt_tokens for s in stats)
+        warm = sum(s.warmup_tokens for s in stats)
+        line += f"; measured {measured:,}" + (f" (+{warm:,} in warm-ups)" if warm else "")
+    return [line]
+
+
 def render(
     plans: Sequence[QueryPlan],
     stats: Sequence[CallStats],
-    batches: Sequence[tuple[PromptBatch, Sequence[int]]],
+    estimates: Sequence[CallEstimate],
     *,
-    counter: TokenCounter,
     model: CostModel,
     analyze: bool = False,
 ) -> str:
     """The EXPLAIN (or EXPLAIN ANALYZE) text."""
-    by_id = {s.call_id: s for s in stats}
-    batch_of = {b.call.id: (b, rows) for b, rows in batches}
+    estimate_of = {e.call_id: e for e in estimates}
     lines: list[str] = []
-    for plan in plans:
+    shown: list[CallEstimate] = []
+    for plan, calls in zip(plans, _by_plan(plans, stats), strict=True):
         lines.append(_without_comments(plan).explain())
-        for call in plan.calls:
-            s = by_id.get(call.id)
-            if s is None:
-                continue
-            lines.append(f"  {call.id} {call.where}: rows in {s.rows_in:,}, "
-                         f"distinct prompts {s.distinct_prompts:,}")
-            if call.id in batch_of:
-                lines += _cost_lines(*batch_of[call.id], counter, model)
-            times = dict(s.rule_seconds)
-            lines += [f"    rule {note} ({times.get(note.split(':')[0], 0.0):.3f}s)"
-                      for note in s.notes if ":" in note]
-            if analyze:
-                lines += _measured_lines(s)
+        for s in calls:
+            lines += _call_lines(s, estimate_of.get(s.call_id), analyze)
+            shown += [estimate_of[s.call_id]] if s.call_id in estimate_of else []
+    lines += _total_line(stats, shown, analyze)
     if not analyze and sum(1 for s in stats if s.kind == "LLM_FILTER") and len(stats) > 1:
         lines.append("  (without ANALYZE, calls after an LLM_FILTER are costed as if every row "
                      "passed it: an upper bound)")

@@ -26,7 +26,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from llmsql.explain import TokenCounter, expected_output_tokens, table_order_prompts
+from llmsql.explain import (
+    CallEstimate,
+    TokenCounter,
+    expected_output_tokens,
+    table_order_prompts,
+)
 from llmsql.optimizer.cost import CostModel, call_cost
 
 if TYPE_CHECKING:
@@ -107,10 +112,10 @@ def _expected(batch: PromptBatch, rows: Sequence[int], model: CostModel,
     """Expected hit shares (plan, table order), max output tokens, prefill and decode s."""
     sent = batch.prompts(rows)
     table = table_order_prompts(batch)
-    tokens_of, _ = TokenCounter(None).per_prompt(sent + table)
+    (sent_tokens, table_token_list), _ = TokenCounter(None).tokens(sent, table)
     out_tokens, _ = expected_output_tokens(batch, len(sent))
-    c = call_cost(sent, table, tokens_of, out_tokens, model)
-    table_tokens = sum(tokens_of[p] for p in table)
+    c = call_cost(sent, table, sent_tokens, table_token_list, out_tokens, model)
+    table_tokens = sum(table_token_list)
     prefill = (c.prompt_tokens - c.cached_tokens) / model.prefill_tokens_per_s
     return (_share(c.cached_tokens, c.prompt_tokens),
             _share(c.cached_tokens_table_order, table_tokens), out_tokens, prefill,
@@ -124,19 +129,36 @@ def _measured_stages(s: CallStats) -> tuple[tuple[str, float], ...]:
             ("other", other))
 
 
+def _estimated(e: CallEstimate, model: CostModel,
+               ) -> tuple[float | None, float | None, int, float, float]:
+    """The same figures as :func:`_expected`, from EXPLAIN's own estimate of the call."""
+    c = e.cost
+    return (_share(c.cached_tokens, c.prompt_tokens),
+            _share(c.cached_tokens_table_order, c.prompt_tokens_table_order), c.output_tokens,
+            (c.prompt_tokens - c.cached_tokens) / model.prefill_tokens_per_s,
+            c.output_tokens / model.decode_tokens_per_s)
+
+
 def call_figures(s: CallStats, batch: tuple[PromptBatch, Sequence[int]] | None,
-                 model: CostModel, *, analyze: bool, instruction: str = "") -> CallFigures:
-    """The report row of one call from its statistics and, when known, its sent batch."""
+                 model: CostModel, *, analyze: bool, instruction: str = "",
+                 estimate: CallEstimate | None = None) -> CallFigures:
+    """The report row of one call from its statistics and, when known, its sent batch (or
+    EXPLAIN's estimate of it, whose prompt tokens are shown without ANALYZE)."""
     hit = table_hit = None
     out_tokens, stages = s.output_tokens, _measured_stages(s)
-    if batch is not None:
-        hit, table_hit, max_out, prefill, decode = _expected(*batch, model)
+    prompt_tokens = s.prompt_tokens
+    figures = (_estimated(estimate, model) if estimate is not None
+               else _expected(*batch, model) if batch is not None else None)
+    if figures is not None:
+        hit, table_hit, max_out, prefill, decode = figures
         if not analyze:
             out_tokens, stages = max_out, (("prefill", prefill), ("decode", decode))
+        if not analyze and estimate is not None:
+            prompt_tokens = estimate.cost.prompt_tokens
     return CallFigures(
         call_id=s.call_id, where=s.where, kind=s.kind, instruction=instruction,
         rows_in=s.rows_in,
-        distinct_prompts=s.distinct_prompts, sent=s.sent, prompt_tokens=s.prompt_tokens,
+        distinct_prompts=s.distinct_prompts, sent=s.sent, prompt_tokens=prompt_tokens,
         output_tokens=out_tokens, expected_hit=hit, expected_hit_table=table_hit,
         measured_hit=_share(s.cached_tokens, s.prompt_tokens) if analyze else None,
         stages=stages,
@@ -153,8 +175,10 @@ def report(explain: Explain, /, *, seconds: float | None = None) -> ExplainRepor
     analyze = explain.result is not None
     batches = {b.call.id: (b, rows) for b, rows in explain.batches}
     said = {c.id: c.template.instruction for p in explain.plans for c in p.calls}
+    estimates = {e.call_id: e for e in explain.estimates}
     calls = tuple(call_figures(s, batches.get(s.call_id), explain.cost_model, analyze=analyze,
-                               instruction=said.get(s.call_id, ""))
+                               instruction=said.get(s.call_id, ""),
+                               estimate=estimates.get(s.call_id))
                   for s in explain.calls)
     return ExplainReport(explain.text, calls, analyze, seconds, explain.result)
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from llmsql.errors import BackendError, ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -257,24 +257,3 @@ def local_model_folder(name: str | None, /, *, cache_dir: str | os.PathLike[str]
         return folder if (folder / _MARKER).is_file() else None
     folder = pathlib.Path(name).expanduser()
     return folder if (folder / "config.json").is_file() else None
-
-
-def local_tokenizer_counter(name: str | None, /) -> Callable[[str], int] | None:
-    """Token counter from the model's ``tokenizer.json`` when it is on disk already.
-
-    Uses the light ``tokenizers`` library (no torch, no transformers import), so EXPLAIN
-    stays fast; counts the prompt as written, before any chat template.
-    """
-    folder = local_model_folder(name)
-    if folder is None or not (folder / "tokenizer.json").is_file():
-        return None
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        return None
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-
-    def count(text: str) -> int:
-        return len(tok.encode(text, add_special_tokens=False).ids)
-
-    return count

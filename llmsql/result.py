@@ -40,6 +40,13 @@ class QueryStats:
     tracked (a backend object given by the caller, a dry run)."""
 
     @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens the backends were sent (every LLM call and selectivity sample, as
+        the responses counted them: chat template included; warm-ups not): the figure
+        EXPLAIN estimates as :attr:`llmsql.session.Explain.prompt_tokens`."""
+        return sum(c.prompt_tokens for c in self.calls)
+
+    @property
     def null_answers(self) -> int:
         """Answers that could not be parsed (NULL in the result)."""
         return sum(c.null_answers for c in self.calls)

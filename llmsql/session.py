@@ -23,15 +23,23 @@ from typing import Any, cast
 import pyarrow as pa
 from sqlglot import exp
 
-from llmsql.backends import BACKENDS, BackendSpec, LLMBackend, default_backend_kind, get_backend
+from llmsql.backends import (
+    BACKENDS,
+    BackendSpec,
+    Capabilities,
+    LLMBackend,
+    default_backend_kind,
+    get_backend,
+)
 from llmsql.backends.dry_run import DryRunBackend
+from llmsql.backends.profile import send_profile
 from llmsql.budget import Budget, BudgetMeter, Price, Settings, apply_setting
 from llmsql.cache import LazyBackend, ResultCache, default_cache_path
 from llmsql.errors import ConfigError
 from llmsql.executors import Executor, make_executor
 from llmsql.executors.base import DeferredTable
 from llmsql.executors.llm_step import CallError, CallStats, StepEnv
-from llmsql.explain import TokenCounter
+from llmsql.explain import CallEstimate, TokenCounter, estimate_call
 from llmsql.explain import render as render_explain
 from llmsql.optimizer import RuleContext
 from llmsql.optimizer.cost import CostModel
@@ -43,6 +51,7 @@ from llmsql.optimizer.order_llm_predicates import rank as rank_predicates
 from llmsql.planner import llm_filter_groups, plan_query, sampled
 from llmsql.progress import Progress, auto_progress
 from llmsql.result import QueryStats, Result
+from llmsql.tokens import PromptTokenizer
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +73,15 @@ class Explain:
     """Each optimized batch with the rows it sent, in send order."""
     cost_model: CostModel = CostModel()
     """The cost model the figures were computed with."""
+    estimates: tuple[CallEstimate, ...] = ()
+    """EXPLAIN's figures per call (selectivity samples included), in execution order."""
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt tokens EXPLAIN expects the backend to be sent (every call, chat
+        template included): what ANALYZE measures as
+        :attr:`llmsql.result.QueryStats.prompt_tokens`."""
+        return sum(e.cost.prompt_tokens for e in self.estimates)
 
     def write_prompts(self, path: str | os.PathLike[str]) -> None:
         """Write one ``{"prompt": ...}`` JSON object per line."""
@@ -121,7 +139,7 @@ class Session:
         self._progress_flag = progress
         self._optimize = optimize
         self._warm = warm_prefixes
-        self._counters: dict[str | None, Callable[[str], int] | None] = {}
+        self._counters: dict[str | None, PromptTokenizer | None] = {}
         self._batch_size = batch_size
         self._dry_run = dry_run
         self._backends: dict[str | None, LLMBackend] = {}
@@ -258,7 +276,10 @@ class Session:
 
         def dry_backend(model: str | None) -> LLMBackend:
             if model not in dry:
-                dry[model] = DryRunBackend(self.spec(model), counter=self._token_counter(model))
+                tokenizer = self._prompt_tokenizer(model)
+                dry[model] = DryRunBackend(self.spec(model),
+                                           capabilities=self._planned_capabilities(model),
+                                           counter=tokenizer.count if tokenizer else None)
             return dry[model]
 
         def record(batch: PromptBatch, rows: tuple[int, ...]) -> None:
@@ -270,29 +291,60 @@ class Session:
         progress = auto_progress(self._progress_flag if analyze else False)
         result = self._run(query, backend_for, progress, on_batch=record, plans_out=plans,
                            live=analyze)
-        counter = self._token_counter(None) if not analyze else self._live_counter()
-        text = render_explain(plans, result.stats.calls, batches,
-                              counter=TokenCounter(counter), model=self._cost_model,
+        estimates = tuple(
+            estimate_call(b, rows, self._explain_counter(b.call.options.model, analyze),
+                          self._cost_model, send_profile(self.spec(b.call.options.model)))
+            for b, rows in batches
+        )
+        text = render_explain(plans, result.stats.calls, estimates, model=self._cost_model,
                               analyze=analyze)
         out = Explain(text, tuple(sent), result if analyze else None, plans=tuple(plans),
                       calls=tuple(result.stats.calls), batches=tuple(batches),
-                      cost_model=self._cost_model)
+                      cost_model=self._cost_model, estimates=estimates)
         if prompts is not None:
             out.write_prompts(prompts)
         return out
+
+    def _explain_counter(self, model: str | None, analyze: bool) -> TokenCounter:
+        """How EXPLAIN counts the prompt tokens of a call on ``model``: the model's tokenizer
+        and chat template as the backend applies them (ANALYZE: the backend's own count)."""
+        tokenizer = self._prompt_tokenizer(model)
+        text = tokenizer.text_ids if tokenizer is not None else None
+        templated = send_profile(self.spec(model)).chat_template
+        live = self._live_counter() if analyze else None
+        if live is not None:
+            return TokenCounter(live, text, templated)
+        if tokenizer is None:
+            return TokenCounter(None)
+        return TokenCounter(tokenizer.count, text, tokenizer.template is not None)
 
     def _live_counter(self) -> Callable[[str], int] | None:
         backends = list(self._backends.values()) or ([self._instance] if self._instance else [])
         return backends[0].count_tokens if backends else None
 
-    def _token_counter(self, model: str | None) -> Callable[[str], int] | None:
-        """The model's tokenizer, if it is on disk already (never converts or downloads)."""
-        from llmsql.models import local_tokenizer_counter
-
+    def _prompt_tokenizer(self, model: str | None) -> PromptTokenizer | None:
+        """The model's tokenizer, with its chat template where the backend applies one, if
+        it is on disk already (never converts or downloads)."""
         key = model or self._model
         if key not in self._counters:
-            self._counters[key] = local_tokenizer_counter(key)
+            profile = send_profile(self.spec(model))
+            self._counters[key] = PromptTokenizer.load(key, chat_template=profile.chat_template)
         return self._counters[key]
+
+    def _planned_capabilities(self, model: str | None) -> Capabilities:
+        """The dry run's capabilities, planning as the query's backend will: whether it
+        caches and shares prefixes, schedules batches itself, its block and cache sizes
+        (constrained choices, JSON and context length stay the dry run's, so every made-up
+        answer is valid and no prompt is refused)."""
+        dry = DryRunBackend().capabilities
+        known = (self._instance.capabilities if self._instance is not None
+                 else send_profile(self.spec(model)).capabilities)
+        if known is None:
+            return dry
+        return dataclasses.replace(
+            dry, prefix_caching=known.prefix_caching, block_size=known.block_size,
+            batch_prefix_sharing=known.batch_prefix_sharing, cache_tokens=known.cache_tokens,
+            scheduler_batching=known.scheduler_batching)
 
     def _run(
         self,

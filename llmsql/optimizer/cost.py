@@ -60,6 +60,8 @@ class CallCost:
     output_tokens: int
     gpu_seconds: float
     usd: float | None
+    prompt_tokens_table_order: int = 0
+    """Tokens of the distinct prompts in table order with the written field order."""
 
 
 def simulate_prefix_cache(
@@ -98,15 +100,16 @@ def expected_cached_tokens(
 def call_cost(
     sent: Sequence[str],
     table_order: Sequence[str],
-    tokens_of: dict[str, int],
+    sent_tokens: Sequence[int],
+    table_tokens: Sequence[int],
     output_tokens: int,
     model: CostModel,
 ) -> CallCost:
-    """Figures for one call from its prompts in send order and in table order."""
-    tokens = [tokens_of[p] for p in sent]
-    cached = expected_cached_tokens(sent, tokens, model)
-    cached_table = expected_cached_tokens(table_order, [tokens_of[p] for p in table_order], model)
-    prompt_tokens = sum(tokens)
+    """Figures for one call from its prompts in send order and in table order, each with
+    its tokens."""
+    cached = expected_cached_tokens(sent, sent_tokens, model)
+    cached_table = expected_cached_tokens(table_order, table_tokens, model)
+    prompt_tokens = sum(sent_tokens)
     gpu = (prompt_tokens - cached) / model.prefill_tokens_per_s + (
         output_tokens / model.decode_tokens_per_s
     )
@@ -114,4 +117,5 @@ def call_cost(
     if model.usd_per_m_input is not None:
         usd = (prompt_tokens * model.usd_per_m_input
                + output_tokens * (model.usd_per_m_output or 0.0)) / 1e6
-    return CallCost(len(sent), prompt_tokens, cached, cached_table, output_tokens, gpu, usd)
+    return CallCost(len(sent), prompt_tokens, cached, cached_table, output_tokens, gpu, usd,
+                    sum(table_tokens))
