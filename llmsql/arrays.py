@@ -49,9 +49,10 @@ def ints(array: pa.Array, /) -> NDArray[np.int64]:
 
 def large_strings(values: Sequence[str | None], /) -> pa.Array:
     """A ``large_string`` array of ``values`` (None becomes the empty string)."""
-    data = [("" if v is None else v).encode("utf-8") for v in values]
+    texts = values if None not in values else ["" if v is None else v for v in values]
+    data = list(map(str.encode, texts))  # UTF-8
     offsets = np.zeros(len(data) + 1, dtype=np.int64)
-    np.cumsum([len(b) for b in data], out=offsets[1:])
+    np.cumsum(np.fromiter(map(len, data), dtype=np.int64, count=len(data)), out=offsets[1:])
     return pa.Array.from_buffers(pa.large_string(), len(data),
                                  [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))])
 

@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from llmsql.backends.profile import SendProfile
 from llmsql.executors.llm_step import CallStats
 from llmsql.optimizer.cost import CallCost, CostModel, call_cost
@@ -74,7 +76,11 @@ class TokenCounter:
         ratio = (sum(map(self.count, sample)) - base * len(sample)) / max(
             1, sum(map(len, sample)))
         how = f"{what} on a {len(sample)}-prompt sample, scaled by length"
-        return [[max(1, base + round(len(p) * ratio)) for p in g] for g in groups], how
+        # max(1, base + round(len(p) * ratio)) for every prompt (rint rounds half to even,
+        # as round does), vectorized: a call can send tens of thousands
+        lengths = [np.fromiter(map(len, g), dtype=np.float64, count=len(g)) for g in groups]
+        return [np.maximum(1, base + np.rint(n * ratio)).astype(np.int64).tolist()
+                for n in lengths], how
 
     def per_prompt(self, prompts: Sequence[str]) -> tuple[dict[str, int], str]:
         """Tokens of each distinct prompt, and how they were obtained."""

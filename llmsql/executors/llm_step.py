@@ -8,6 +8,7 @@ the lookup goes; nothing here knows about DuckDB or Spark.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sqlite3
 import time
@@ -133,8 +134,9 @@ def render_column(column: pa.ChunkedArray | pa.Array) -> tuple[str, ...]:
     """Render an Arrow column with the engine-independent value contract."""
     values = column.to_pylist()
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        return tuple("" if v is None else v for v in values)
-    return tuple(render_value(v) for v in values)
+        return tuple(values) if not column.null_count else tuple(
+            ["" if v is None else v for v in values])
+    return tuple(map(render_value, values))
 
 
 def bind(call: LLMCall, table: pa.Table, /) -> PromptBatch:
@@ -193,9 +195,7 @@ def _memo_keys(backend: LLMBackend, reqs: Sequence[Request]) -> list[tuple[Any, 
 def _fit(call: LLMCall, prompt: str, values: Sequence[str], backend: LLMBackend,
          stats: CallStats, env: StepEnv) -> str:
     """Check the prompt fits the context; truncate the longest field if the call allows it."""
-    budget = backend.capabilities.max_model_len - (
-        call.options.max_tokens or REGISTRY[call.kind].default_max_tokens
-    )
+    budget = _room(call, backend)
     if len(prompt.encode("utf-8")) + TEMPLATE_OVERHEAD_TOKENS <= budget:
         return prompt
     if _answered(call, prompt, backend, env):
@@ -213,6 +213,13 @@ def _fit(call: LLMCall, prompt: str, values: Sequence[str], backend: LLMBackend,
         )
     stats.truncated += 1
     return _truncate(call, list(values), budget, backend)
+
+
+def _room(call: LLMCall, backend: LLMBackend) -> int:
+    """Tokens the context leaves a prompt of ``call`` (the model's length minus the answer's)."""
+    return backend.capabilities.max_model_len - (
+        call.options.max_tokens or REGISTRY[call.kind].default_max_tokens
+    )
 
 
 def _answered(call: LLMCall, prompt: str, backend: LLMBackend, env: StepEnv) -> bool:
@@ -436,8 +443,12 @@ def _signature(call: LLMCall, backend: LLMBackend) -> tuple[Any, ...]:
 
 def signature_tail(call: LLMCall) -> tuple[Any, ...]:
     """The part of a call's answer signature that the plan alone gives (all but the model
-    identity; within one query, equal tails mean equal models, since options name it)."""
-    return (call.kind, call.template.instruction, call.template.fields, call.options)
+    identity; within one query, equal tails mean equal models, since options name it).
+
+    Plain values only (the kind's name, the options as a tuple): the signature is hashed
+    with every row's values, and an enum's or a dataclass's hash runs Python code."""
+    return (call.kind.value, call.template.instruction, call.template.fields,
+            dataclasses.astuple(call.options))
 
 
 KnownAnswers = tuple[tuple[tuple[str, ...], Any], ...]
@@ -549,7 +560,9 @@ def run_call(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table
         stats.reused += len(answers)
         if env.on_batch is not None:
             env.on_batch(batch, tuple(todo))
-        prompts = [_fit(call, prompt, row_values[i], backend, stats, env)
+        room = _room(call, backend)
+        prompts = [prompt if 4 * len(prompt) + TEMPLATE_OVERHEAD_TOKENS <= room  # bytes <= 4
+                   else _fit(call, prompt, row_values[i], backend, stats, env)  # x chars
                    for i, prompt in zip(todo, batch.prompts(todo), strict=True)]
         env.progress.start(len(prompts), call.where)
         t0 = time.perf_counter()

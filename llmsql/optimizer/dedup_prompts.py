@@ -12,6 +12,7 @@ Invariant: the set of distinct prompts is unchanged and every row keeps its answ
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 from llmsql.optimizer.context import RuleContext
 from llmsql.plan import PromptBatch
@@ -23,7 +24,7 @@ def dedup_prompts(batch: PromptBatch, ctx: RuleContext | None, /) -> PromptBatch
     if batch.call.volatility is not Volatility.IMMUTABLE or batch.n_rows == 0:
         return batch
     first: dict[tuple[str, ...], int] = {}
-    rep = tuple(first.setdefault(key, i) for i, key in enumerate(zip(*batch.values, strict=True)))
+    rep = tuple(map(first.setdefault, zip(*batch.values, strict=True), itertools.count()))
     if not batch.values:  # no fields: every row renders the bare instruction
         rep = tuple(0 for _ in range(batch.n_rows))
     dropped = batch.n_rows - len(set(rep))

@@ -25,6 +25,7 @@ keeps each shared prefix's prompts together).
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 from llmsql.optimizer.context import RuleContext
 from llmsql.plan import PromptBatch
@@ -56,7 +57,8 @@ def reorder_prompts(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
         note = f"reorder_prompts: {len(order)} prompts sorted (fields fixed by placeholders)"
         return dataclasses.replace(batch, order=order, notes=(*batch.notes, note),
                                    rendered=None)
-    cols = [[batch.values[j][i] for i in reps] for j in template.appended]
+    pick = operator.itemgetter(*reps)  # len(reps) >= 2: a tuple per column
+    cols = [pick(batch.values[j]) for j in template.appended]
     sol = solve(
         cols,
         [template.fields[j] for j in template.appended],
