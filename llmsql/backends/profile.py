@@ -13,7 +13,9 @@ prompt as the backend tokenizes it (inside the model's chat template). A
 - ``vllm`` (:mod:`llmsql.backends.vllm`): prompts in the chat template unless the option
   ``chat_template`` is False; prefix caching as the option ``enable_prefix_caching`` says;
   vLLM shares prefixes within a step and schedules a batch itself; a choice told apart by
-  its first token is one output token (``choice_decoding="first_token"``, the default).
+  its first token is one output token (``choice_decoding="first_token"``, the default;
+  measured); other choices are decoded under a grammar, taken to end with the
+  end-of-sequence token (not measured).
 - ``openai``: capabilities come from the server and are unknown before it is asked; the chat
   endpoint applies the server's template (counted when the model is a local folder).
 

@@ -560,7 +560,7 @@ def run_call(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table
         stats.reused += len(answers)
         if env.on_batch is not None:
             env.on_batch(batch, tuple(todo))
-        room = _room(call, backend)
+        room = _room(call, backend) if todo else 0
         prompts = [prompt if 4 * len(prompt) + TEMPLATE_OVERHEAD_TOKENS <= room  # bytes <= 4
                    else _fit(call, prompt, row_values[i], backend, stats, env)  # x chars
                    for i, prompt in zip(todo, batch.prompts(todo), strict=True)]
