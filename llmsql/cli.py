@@ -9,9 +9,11 @@ succeeded.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -396,12 +398,27 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     query = _query_text(args)
-    with _session(args, dry_run=True, progress=False) as con:
+    with _session(args, dry_run=True, progress=False) as con, _gc_paused():
         out = con.explain(query, prompts=args.prompts)
     print(out.text)
     if args.prompts:
         print(f"wrote {len(out.prompts)} prompts to {args.prompts}", file=sys.stderr)
     return 0
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for the block (the command only; library users
+    keep theirs). EXPLAIN's dry run makes hundreds of thousands of short-lived containers,
+    each full collection walks them all, and none of them is cyclic: on W2 (28,479 rows) two
+    collections took 0.1 s of a 2 s command."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _quiet_known_warnings() -> None:

@@ -42,8 +42,9 @@ if TYPE_CHECKING:
 
 SAMPLE_FOR_TOKENIZER = 500
 """At most this many distinct prompts of a call are tokenized; more are estimated."""
-SAMPLE_CHARS = 120_000
-"""...and about this many characters of them (28,000 W2 prompts: 0.05 s, not 0.1 s)."""
+SAMPLE_CHARS = 60_000
+"""...and about this many characters of them: W2's 28,405 prompts, 131 of them tokenized in
+0.03 s, estimated within 1% of counting every one (6 s)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -324,6 +324,22 @@ def _send(
     return [r for r in out if r is not None]
 
 
+def _memo_parse(parse: Callable[[str, Any], Parsed]) -> Callable[[str, Any], Parsed]:
+    """``parse`` remembering short answers (a call's options are fixed): a filter's or a
+    classifier's thousands of answers are a few distinct texts."""
+    seen: dict[str, Parsed] = {}
+
+    def memo(text: str, options: Any) -> Parsed:
+        if len(text) > 32:
+            return parse(text, options)
+        found = seen.get(text)
+        if found is None:
+            found = seen[text] = parse(text, options)
+        return found
+
+    return memo
+
+
 def _count_sent(answers: Sequence[Response], stats: CallStats) -> None:
     """Add answers the backend gave to the call's sent prompts and tokens."""
     stats.sent += len(answers)
@@ -389,7 +405,7 @@ def _answer_prompts(
     """
     values: list[Any] = []
     edges = [*bounds, len(prompts)] if bounds else [0, len(prompts)]
-    parse = REGISTRY[call.kind].parse
+    parse = _memo_parse(REGISTRY[call.kind].parse)
     try:
         reqs = _requests(call, prompts, backend)
         keys = _memo_keys(backend, reqs)
