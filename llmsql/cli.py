@@ -410,8 +410,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 def _gc_paused() -> Iterator[None]:
     """Pause Python's cyclic garbage collector for the block (the command only; library users
     keep theirs). EXPLAIN's dry run makes hundreds of thousands of short-lived containers,
-    each full collection walks them all, and none of them is cyclic: on W2 (28,479 rows) two
-    collections took 0.1 s of a 2 s command."""
+    each full collection walks them all and hardly any is cyclic: on W2 (28,479 rows) two
+    collections took 0.1 s of a 2 s command and freed 355 objects."""
     enabled = gc.isenabled()
     gc.disable()
     try:
