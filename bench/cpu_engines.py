@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -34,6 +33,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import machine
+
 SHARED = Path(os.environ.get("LLMSQL_SHARED", ROOT.parent / "shared"))
 TABLE = SHARED / "datasets" / "rotten_tomatoes_flatiron" / "movie_reviews.parquet"
 FILTER = (
@@ -50,16 +53,6 @@ VLLM_OPTIONS: dict[str, Any] = {
     "kv_cache_space_gb": 1,
     "max_model_len": 2048,
 }
-
-
-def machine() -> dict[str, Any]:
-    model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor(),
-    )
-    return {"cpu": model, "cores": os.cpu_count(), "load_average": os.getloadavg(),
-            "python": platform.python_version()}
 
 
 def rows(n: int) -> Any:

@@ -25,11 +25,9 @@ Writes DIR/explain_speed.json and DIR/explain_speed.md (DIR defaults to bench/re
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import hashlib
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -40,27 +38,14 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.machine import machine
+
 QUERY = ("SELECT review_id FROM beer_reviews WHERE LLM_FILTER('Does the reviewer recommend "
          "this beer? Answer Yes or No.', beer_name, style, brewery, location, review)")
 ROWS = 28_479
 CONFIGS = {"default backend": [], "--backend openai": ["--backend", "openai"]}
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, cores, load average and versions."""
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(),
-            "cores_usable": len(os.sched_getaffinity(0)),
-            "load_average": [round(x, 2) for x in os.getloadavg()],
-            "python": platform.python_version(),
-            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 def cut_w2(datasets: Path, out: Path) -> Path:

@@ -20,7 +20,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +36,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.machine import machine as describe_machine
 from llmsql.optimizer import ggr, ordering
 
 MOVIES_Q = ("Given the movie information and a critic review, does the review recommend "
@@ -261,21 +261,6 @@ def bench_scale(datasets: Path, repeat: int) -> list[dict[str, Any]]:
     return out
 
 
-def machine() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "load_average": os.getloadavg(),
-            "python": platform.python_version(),
-            "numpy": np.__version__, "pandas": pd.__version__,
-            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
-
-
 def _secs(x: float | None, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
@@ -357,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-scale", action="store_true", help="skip the scale test")
     ap.add_argument("--scale-repeat", type=int, default=2, help="timing repeats, scale test")
     a = ap.parse_args(argv)
-    meta = machine()
+    meta = describe_machine(numpy=np.__version__, pandas=pd.__version__)
     results = bench_workloads(a.datasets.resolve(), a.scorer.resolve(), a.repeat, a.jobs, a.only)
     scale = [] if a.no_scale else bench_scale(a.datasets.resolve(), a.scale_repeat)
     meta["load_average_end"] = os.getloadavg()

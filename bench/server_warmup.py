@@ -25,8 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import llmsql  # noqa: E402
-from llmsql.optimizer.cost import simulate_prefix_cache  # noqa: E402
+import llmsql
+from llmsql.optimizer.cost import simulate_prefix_cache
 
 W4 = ("SELECT id FROM movies_small WHERE LLM_FILTER('Given the movie information and a critic "
       "review, does the review recommend watching the movie? Answer Yes or No.', movie_title, "

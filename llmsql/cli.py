@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("explain", help="print the optimized plan without loading a model")
     _query_args(exp)
     exp.add_argument("--prompts", help="write every prompt, in send order, as JSONL to PATH")
+    exp.add_argument("--sample", type=_sample_size, default=0, metavar="N",
+                     help="load the model and ask it N prompts of each LLM_FILTER that a later "
+                     "LLM call depends on (paid), so that call is costed at the sampled pass "
+                     "rate instead of as if every row passed (default 0: no model)")
     _serve_args(sub.add_parser("serve", help="serve a local model over an OpenAI-compatible "
                                "HTTP API (chat completions, completions, models)"))
     return ap
@@ -396,10 +400,20 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _sample_size(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of prompts >= 0, got {text!r}")
+    return n
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     query = _query_text(args)
-    with _session(args, dry_run=True, progress=False) as con, _gc_paused():
-        out = con.explain(query, prompts=args.prompts)
+    with _session(args, dry_run=not args.sample, progress=False) as con, _gc_paused():
+        out = con.explain(query, prompts=args.prompts, sample=args.sample)
     print(out.text)
     if args.prompts:
         print(f"wrote {len(out.prompts)} prompts to {args.prompts}", file=sys.stderr)

@@ -166,6 +166,30 @@ class CallEstimate:
     """Whether the prompt tokens include the chat template."""
 
 
+@dataclass(frozen=True, slots=True)
+class FilterSample:
+    """An LLM filter's pass rate as a sample of its prompts, answered by the model, gave it
+    (``explain(..., sample=N)``); later calls are costed with it."""
+
+    call: str
+    """The call, as EXPLAIN names it (``LLM_FILTER(...) at line 1, column 30``)."""
+    asked: int
+    """Prompts sent to the model."""
+    distinct: int
+    """Distinct prompts of the call (in the dry run, where every earlier filter passed)."""
+    passed: int
+    """Answers that parsed as TRUE."""
+    prompt_tokens: int
+    """Prompt tokens the sample cost (as the backend reported them)."""
+
+    def line(self) -> str:
+        """EXPLAIN's line for it."""
+        return (f"  sample of {self.call}: {self.asked} of {self.distinct} distinct prompts "
+                f"answered by the model, {self.passed} passed ({_pct(self.passed, self.asked)}),"
+                f" {self.prompt_tokens:,} prompt tokens paid; later calls see the rows its "
+                "answers pass")
+
+
 def estimate_call(batch: PromptBatch, rows: Sequence[int], counter: TokenCounter,
                   model: CostModel, profile: SendProfile = SendProfile()) -> CallEstimate:
     """The figures of one call from its optimized batch and the rows it sends."""
@@ -272,6 +296,7 @@ def render(
     *,
     model: CostModel,
     analyze: bool = False,
+    samples: Sequence[FilterSample] = (),
 ) -> str:
     """The EXPLAIN (or EXPLAIN ANALYZE) text."""
     estimate_of = {e.call_id: e for e in estimates}
@@ -283,9 +308,12 @@ def render(
             lines += _call_lines(s, estimate_of.get(s.call_id), analyze)
             shown += [estimate_of[s.call_id]] if s.call_id in estimate_of else []
     lines += _total_line(stats, shown, analyze)
-    if not analyze and sum(1 for s in stats if s.kind == "LLM_FILTER") and len(stats) > 1:
+    lines += [sample.line() for sample in samples]
+    if not analyze and not samples and len(stats) > 1 and any(
+            s.kind == "LLM_FILTER" for s in stats[:-1]):
         lines.append("  (without ANALYZE, calls after an LLM_FILTER are costed as if every row "
-                     "passed it: an upper bound)")
+                     "passed it: an upper bound; explain --sample N, or sample=N, asks the "
+                     "model N of its prompts and costs them at the sampled pass rate)")
     lines.append(
         f"  cost model: KV blocks of {model.block_tokens} tokens, cache {model.cache_tokens:,} "
         f"tokens, prefill {model.prefill_tokens_per_s:,.0f} tok/s, decode "

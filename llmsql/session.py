@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import weakref
 import os
-from collections.abc import Callable
+import random
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from json.encoder import encode_basestring
 from pathlib import Path
@@ -31,27 +32,29 @@ from llmsql.backends import (
     default_backend_kind,
     get_backend,
 )
-from llmsql.backends.dry_run import DryRunBackend
+from llmsql.backends.dry_run import AnswerSample, DryRunBackend
 from llmsql.backends.profile import send_profile
 from llmsql.budget import Budget, BudgetMeter, Price, Settings, apply_setting
 from llmsql.cache import LazyBackend, ResultCache, default_cache_path
 from llmsql.errors import ConfigError
 from llmsql.executors import Executor, make_executor
 from llmsql.executors.base import DeferredTable
-from llmsql.executors.llm_step import CallError, CallStats, StepEnv
-from llmsql.explain import CallEstimate, TokenCounter, estimate_call
+from llmsql.executors.llm_step import CallError, CallStats, StepEnv, build_requests
+from llmsql.explain import CallEstimate, FilterSample, TokenCounter, estimate_call
 from llmsql.explain import render as render_explain
 from llmsql.optimizer import RuleContext
 from llmsql.optimizer.cost import CostModel
-from llmsql.parse import parse
-from llmsql.plan import PromptBatch, QueryPlan
 from llmsql.optimizer.order_llm_predicates import SAMPLE_ROWS, PredicateEstimate
 from llmsql.optimizer.order_llm_predicates import estimate as estimate_predicate
 from llmsql.optimizer.order_llm_predicates import rank as rank_predicates
+from llmsql.parse import parse
+from llmsql.plan import LLMCall, PromptBatch, QueryPlan
 from llmsql.planner import llm_filter_groups, plan_query, sampled
 from llmsql.progress import Progress, auto_progress
 from llmsql.result import QueryStats, Result
 from llmsql.tokens import PromptTokenizer
+from llmsql.udfs import REGISTRY
+from llmsql.udfs.base import CallKind
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,8 @@ class Explain:
     """The cost model the figures were computed with."""
     estimates: tuple[CallEstimate, ...] = ()
     """EXPLAIN's figures per call (selectivity samples included), in execution order."""
+    samples: tuple[FilterSample, ...] = ()
+    """The LLM filters whose pass rate the model sampled (``explain(..., sample=N)``)."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -262,14 +267,58 @@ class Session:
         *,
         prompts: str | os.PathLike[str] | None = None,
         analyze: bool = False,
+        sample: int = 0,
     ) -> Explain:
         """The optimized plan, its cost figures and its prompts.
 
         Without ``analyze`` no model is loaded: answers are fixed valid values, so LLM calls
-        that depend on earlier ones (a filter after a filter) see every row and their
-        figures are an upper bound. With ``analyze`` the query runs for real and the text
-        adds measured tokens, cache hits and time per stage.
+        that depend on earlier ones (a call after an LLM filter) see every row and their
+        figures are an upper bound. With ``sample`` (N > 0) the model answers N prompts of
+        each LLM filter that a later LLM call depends on (paid, and shown in the text; with
+        the result cache on the query reuses those answers) and the dry run answers as the
+        sample did, so the later calls are costed at the filter's sampled pass rate. With
+        ``analyze`` the query runs for real and the text adds measured tokens, cache hits
+        and time per stage.
+
+        Raises:
+            ConfigError: ``sample`` is negative, or given with ``analyze`` or in a dry-run
+                session (which has no model to ask).
         """
+        if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
+            raise ConfigError(f"EXPLAIN's sample must be a whole number of prompts >= 0, got "
+                              f"{sample!r}")
+        if sample and analyze:
+            raise ConfigError("EXPLAIN ANALYZE runs the whole query, so it needs no sample: "
+                              "pass either analyze=True or sample=N")
+        if sample and self._dry_run:
+            raise ConfigError("EXPLAIN's sample asks the model, but this session is a dry run: "
+                              "connect without dry_run=True (CLI: llmsql explain --sample N)")
+        result, plans, batches, sent = self._explain_run(query, analyze, None)
+        samples: tuple[FilterSample, ...] = ()
+        if sample:
+            where = {c.call_id: c.where for c in result.stats.calls}
+            answers, samples = self._answer_sample(batches, sample, where)
+            if samples:
+                result, plans, batches, sent = self._explain_run(query, False, answers)
+        estimates = tuple(
+            estimate_call(b, rows, self._explain_counter(b.call.options.model, analyze),
+                          self._cost_model, send_profile(self.spec(b.call.options.model)))
+            for b, rows in batches
+        )
+        text = render_explain(plans, result.stats.calls, estimates, model=self._cost_model,
+                              analyze=analyze, samples=samples)
+        out = Explain(text, tuple(sent), result if analyze else None, plans=tuple(plans),
+                      calls=tuple(result.stats.calls), batches=tuple(batches),
+                      cost_model=self._cost_model, estimates=estimates, samples=samples)
+        if prompts is not None:
+            out.write_prompts(prompts)
+        return out
+
+    def _explain_run(
+        self, query: str, analyze: bool, answers: AnswerSample | None
+    ) -> tuple[Result, list[QueryPlan], list[tuple[PromptBatch, tuple[int, ...]]], list[str]]:
+        """Run ``query`` for EXPLAIN (the dry-run backend, or the real one with ``analyze``),
+        collecting its plans, its optimized batches with the rows each sent, and the prompts."""
         sent: list[str] = []
         batches: list[tuple[PromptBatch, tuple[int, ...]]] = []
         dry: dict[str | None, LLMBackend] = {}
@@ -279,7 +328,8 @@ class Session:
                 tokenizer = self._prompt_tokenizer(model)
                 dry[model] = DryRunBackend(self.spec(model),
                                            capabilities=self._planned_capabilities(model),
-                                           counter=tokenizer.count if tokenizer else None)
+                                           counter=tokenizer.count if tokenizer else None,
+                                           sample=answers)
             return dry[model]
 
         def record(batch: PromptBatch, rows: tuple[int, ...]) -> None:
@@ -291,19 +341,44 @@ class Session:
         progress = auto_progress(self._progress_flag if analyze else False)
         result = self._run(query, backend_for, progress, on_batch=record, plans_out=plans,
                            live=analyze)
-        estimates = tuple(
-            estimate_call(b, rows, self._explain_counter(b.call.options.model, analyze),
-                          self._cost_model, send_profile(self.spec(b.call.options.model)))
-            for b, rows in batches
-        )
-        text = render_explain(plans, result.stats.calls, estimates, model=self._cost_model,
-                              analyze=analyze)
-        out = Explain(text, tuple(sent), result if analyze else None, plans=tuple(plans),
-                      calls=tuple(result.stats.calls), batches=tuple(batches),
-                      cost_model=self._cost_model, estimates=estimates)
-        if prompts is not None:
-            out.write_prompts(prompts)
-        return out
+        return result, plans, batches, sent
+
+    def _answer_sample(
+        self, batches: Sequence[tuple[PromptBatch, tuple[int, ...]]], size: int,
+        where: dict[str, str],
+    ) -> tuple[AnswerSample, tuple[FilterSample, ...]]:
+        """Ask the model ``size`` prompts (seeded random, spread over the whole call) of each
+        LLM_FILTER call that another call runs after, from a dry run's batches."""
+        order = [b.call.id for b, _ in batches]
+        prompts_of: dict[str, list[str]] = {}
+        call_of: dict[str, LLMCall] = {}
+        for b, rows in batches:
+            if b.call.kind is CallKind.FILTER:
+                prompts_of.setdefault(b.call.id, []).extend(b.prompts(rows))
+                call_of[b.call.id] = b.call
+        known: dict[str, str] = {}
+        pools: dict[tuple[tuple[str, ...] | None, str], tuple[str, ...]] = {}
+        notes = []
+        for cid, prompts in prompts_of.items():
+            last = len(order) - 1 - order[::-1].index(cid)
+            if all(c == cid for c in order[last:]):
+                continue  # nothing runs after it: its answers change no figure
+            call = call_of[cid]
+            distinct = list(dict.fromkeys(prompts))
+            chosen = random.Random(0).sample(distinct, min(size, len(distinct)))
+            backend = self._step_backend(call.options.model)
+            requests = build_requests(call, chosen, backend)
+            responses = backend.generate(requests)
+            parse = REGISTRY[call.kind].parse
+            passed = sum(1 for r in responses if not r.error
+                         and parse(r.text, call.options).value is True)
+            texts = tuple(r.text for r in responses)
+            known.update(zip(chosen, texts, strict=True))
+            head = call.template.instruction.split("{", 1)[0]
+            pools[(requests[0].choices, head)] = texts
+            notes.append(FilterSample(where.get(cid, cid), len(chosen), len(distinct), passed,
+                                      sum(r.prompt_tokens for r in responses)))
+        return AnswerSample(known, pools), tuple(notes)
 
     def _explain_counter(self, model: str | None, analyze: bool) -> TokenCounter:
         """How EXPLAIN counts the prompt tokens of a call on ``model``: the model's tokenizer

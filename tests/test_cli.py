@@ -208,3 +208,26 @@ def test_output_refuses_several_row_statements_but_allows_set_first(tmp_path: Pa
     p = cli("run", "-e", "SET llmsql.max_calls = 5; SELECT 2 AS b", "--output", str(out))
     assert p.returncode == 0, p.stderr
     assert out.read_text().splitlines() == ['"b"', "2"]
+
+
+@pytest.mark.model
+def test_explain_sample_costs_later_calls_at_the_sampled_pass_rate() -> None:
+    query = ("SELECT id, LLM('Answer in one word.', question) AS a FROM s "
+             "WHERE LLM_FILTER('Is the question about a sports team?', title, question)")
+    bound = cli("explain", "-e", query, "--table", f"s={SAMPLE}")
+    assert bound.returncode == 0, bound.stderr
+    assert "as if every row passed it: an upper bound" in bound.stdout
+    p = cli("explain", "-e", query, "--table", f"s={SAMPLE}", "--sample", "4", "--no-cache")
+    assert p.returncode == 0, p.stderr
+    m = re.search(r"sample of LLM_FILTER\(\.\.\.\) at line 1, column \d+: 4 of (\d+) distinct "
+                  r"prompts answered by the model, (\d) passed", p.stdout)
+    assert m, p.stdout
+    assert "an upper bound" not in p.stdout
+    rows = [int(n) for n in re.findall(r"LLM\(\.\.\.\) at line 1, column \d+: rows in (\d+)",
+                                       p.stdout)]
+    assert len(rows) == 1 and rows[0] <= int(m.group(1))  # the later call sees what passed
+
+
+def test_explain_sample_must_be_a_count() -> None:
+    p = cli("explain", "-e", "SELECT 1", "--sample", "-2")
+    assert p.returncode == 2 and "whole number of prompts" in p.stderr

@@ -34,7 +34,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench.gpu.workloads import WORKLOADS  # noqa: E402
+from bench.gpu.workloads import WORKLOADS
 
 CALLS = {"W1": ("choice", 1), "W1b": ("free", 48)}
 

@@ -29,9 +29,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-import llmsql  # noqa: E402
-from bench.gpu.workloads import TABLES, WORKLOADS  # noqa: E402
-from llmsql.backends.base import Request  # noqa: E402
+import llmsql
+from bench.gpu.workloads import TABLES, WORKLOADS
+from llmsql.backends.base import Request
 
 
 def log(*a: object) -> None:
@@ -204,7 +204,7 @@ def run_once(con: llmsql.Session, sql: str) -> dict[str, Any]:
     }
 
 
-def main() -> None:  # noqa: PLR0915
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(REPO / ".stage" / "model"))
     ap.add_argument("--data", default=str(REPO / ".gpudata"))

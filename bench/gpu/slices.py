@@ -18,7 +18,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench.gpu.workloads import TABLES  # noqa: E402
+from bench.gpu.workloads import TABLES
 
 DEFAULT_ROWS = {"movie_reviews": 5000, "beer_reviews": 10000, "squad_dev": 5000,
                 "movies_small": None}

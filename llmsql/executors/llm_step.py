@@ -172,7 +172,7 @@ def _request(call: LLMCall, prompt: str, backend: LLMBackend) -> Request:
     )
 
 
-def _requests(call: LLMCall, prompts: Sequence[str], backend: LLMBackend) -> list[Request]:
+def build_requests(call: LLMCall, prompts: Sequence[str], backend: LLMBackend) -> list[Request]:
     """One request per prompt, as :func:`_request` builds it (the options the call's
     requests share are worked out once)."""
     r = _request(call, "", backend)
@@ -407,7 +407,7 @@ def _answer_prompts(
     edges = [*bounds, len(prompts)] if bounds else [0, len(prompts)]
     parse = _memo_parse(REGISTRY[call.kind].parse)
     try:
-        reqs = _requests(call, prompts, backend)
+        reqs = build_requests(call, prompts, backend)
         keys = _memo_keys(backend, reqs)
         hits = _cache_hits(reqs, backend, env)
         if env.budget is not None:
@@ -500,7 +500,7 @@ def _needed_warmups(call: LLMCall, todo: Sequence[int], prompts: Sequence[str],
         return warm
     if env.cache is None and not env.memo:  # nothing answers a prompt: each one is sent
         return {i: warm[i] for i in todo if i in warm}
-    reqs = _requests(call, prompts, backend)
+    reqs = build_requests(call, prompts, backend)
     hits = _cache_hits(reqs, backend, env)
     sent = {k for k, key in enumerate(_memo_keys(backend, reqs))
             if k not in hits and key not in env.memo}
