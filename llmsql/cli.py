@@ -65,6 +65,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    "$NAME' from clients")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="backend option, e.g. max_model_len=2048 (repeatable)")
+    p.add_argument("--no-prompt-tokens-details", action="store_true",
+                   help="leave cached tokens out of each answer's usage (as vLLM's server does "
+                   "without --enable-prompt-tokens-details)")
 
 
 def _query_args(p: argparse.ArgumentParser) -> None:
@@ -375,7 +378,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model or "smollm2"
     config = ServeConfig(host=args.host, port=args.port, served_name=name,
                          aliases=tuple(a for a in (args.model,) if a and a != name),
-                         max_batch=args.max_batch, request_log=args.request_log, api_key=key)
+                         max_batch=args.max_batch, request_log=args.request_log, api_key=key,
+                         prompt_tokens_details=not args.no_prompt_tokens_details)
     backend = get_backend(BackendSpec.make(args.backend or default_backend_kind(), args.model,
                                            **_options(args.option)))
     try:

@@ -215,11 +215,20 @@ def _cost_lines(e: CallEstimate) -> list[str]:
     ]
 
 
+def _cached(s: CallStats) -> str:
+    if s.sent and s.cache_unreported >= s.sent:
+        return "cached tokens not reported by the backend"
+    unknown = f", {s.cache_unreported} prompts unreported" if s.cache_unreported else ""
+    return f"{s.cached_tokens:,} cached ({_pct(s.cached_tokens, s.prompt_tokens)}{unknown})"
+
+
 def _measured_lines(s: CallStats) -> list[str]:
     return [
         f"    measured: {s.sent} prompts sent, {s.reused} reused, {s.prompt_tokens:,} prompt "
-        f"tokens, {s.cached_tokens:,} cached ({_pct(s.cached_tokens, s.prompt_tokens)}), "
-        f"{s.output_tokens:,} output tokens",
+        f"tokens, {_cached(s)}, {s.output_tokens:,} output tokens",
+        *(f"    warm-ups: {s.warmup_prompts} sent, {s.warmup_tokens:,} prompt tokens computed "
+          f"for them; the call's prompts then found {_cached(s)}"
+          for _ in [0] if s.warmup_prompts),
         f"    time: inputs {s.input_seconds:.3f}s, rules {sum(t for _, t in s.rule_seconds):.3f}s"
         f", generation {s.generate_seconds:.3f}s, call total {s.seconds:.3f}s",
         *(f"    {s.null_answers} answers unparseable -> NULL" for _ in [0] if s.null_answers),

@@ -14,8 +14,9 @@ class Progress(Protocol):
         """A new step with ``total`` prompts begins."""
         ...
 
-    def advance(self, n: int, tokens: int, cached: int, /) -> None:
-        """``n`` more prompts answered, ``tokens`` processed, ``cached`` of them from cache."""
+    def advance(self, n: int, tokens: int, cached: int | None, /) -> None:
+        """``n`` more prompts answered, ``tokens`` processed, ``cached`` of them from cache
+        (None: the backend did not say)."""
         ...
 
     def close(self) -> None:
@@ -29,7 +30,7 @@ class NoProgress:
     def start(self, total: int, label: str, /) -> None:  # noqa: D102
         pass
 
-    def advance(self, n: int, tokens: int, cached: int, /) -> None:  # noqa: D102
+    def advance(self, n: int, tokens: int, cached: int | None, /) -> None:  # noqa: D102
         pass
 
     def close(self) -> None:  # noqa: D102
@@ -47,6 +48,7 @@ class TerminalProgress:
     def _reset(self, total: int, label: str) -> None:
         self._total, self._label, self._done = total, label, 0
         self._tokens = self._cached = 0
+        self._unknown = False
         self._t0 = self._last = time.monotonic()
 
     def start(self, total: int, label: str, /) -> None:  # noqa: D102
@@ -54,10 +56,11 @@ class TerminalProgress:
         self._reset(total, label)
         self._draw(force=True)
 
-    def advance(self, n: int, tokens: int, cached: int, /) -> None:  # noqa: D102
+    def advance(self, n: int, tokens: int, cached: int | None, /) -> None:  # noqa: D102
         self._done += n
         self._tokens += tokens
-        self._cached += cached
+        self._unknown |= cached is None
+        self._cached += cached or 0
         self._draw(force=self._done >= self._total)
 
     def _draw(self, *, force: bool = False) -> None:
@@ -68,6 +71,7 @@ class TerminalProgress:
         el = max(now - self._t0, 1e-9)
         rate = self._tokens / el
         hit = f" cache {100 * self._cached / self._tokens:.0f}%" if self._tokens else ""
+        hit = " cache not reported" if self._unknown else hit
         left = (self._total - self._done) * el / self._done if self._done else 0.0
         self._out.write(
             f"\r{self._label}: {self._done}/{self._total} prompts, {rate:,.0f} tok/s{hit}, "

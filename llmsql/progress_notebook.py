@@ -32,14 +32,18 @@ class BarState:
     done: int
     total: int
     tokens: int
-    cached: int
+    cached: int | None
+    """Prompt tokens from the engine's cache (None: the backend did not say)."""
     elapsed: float
     finished: bool = False
 
     def figures(self) -> str:
         """``3/10 prompts, 1,234 tok/s, cache 45%, ETA 3s`` (or the time taken when done)."""
         rate = self.tokens / max(self.elapsed, 1e-9)
-        hit = f", cache {100 * self.cached / self.tokens:.0f}%" if self.tokens else ""
+        if self.cached is None:
+            hit = ", cache not reported"
+        else:
+            hit = f", cache {100 * self.cached / self.tokens:.0f}%" if self.tokens else ""
         if self.finished:
             tail = f", done in {self.elapsed:,.1f}s"
         else:
@@ -76,7 +80,8 @@ class NotebookProgress:
 
     def _reset(self, total: int, label: str) -> None:
         self._total, self._label, self._done = total, label, 0
-        self._tokens = self._cached = 0
+        self._tokens = 0
+        self._cached: int | None = 0
         self._t0 = self._last = time.monotonic()
 
     def state(self, *, finished: bool = False) -> BarState:
@@ -93,11 +98,11 @@ class NotebookProgress:
             from IPython.display import display as show
         self._handle = show(self.state(), display_id=True)
 
-    def advance(self, n: int, tokens: int, cached: int, /) -> None:
+    def advance(self, n: int, tokens: int, cached: int | None, /) -> None:
         """Count ``n`` answered prompts; redraw when due."""
         self._done += n
         self._tokens += tokens
-        self._cached += cached
+        self._cached = None if cached is None or self._cached is None else self._cached + cached
         now = time.monotonic()
         if self._done >= self._total or now - self._last >= self._min:
             self._last = now

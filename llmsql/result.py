@@ -60,7 +60,7 @@ class QueryStats:
         """One line per LLM call."""
         lines = []
         for c in self.calls:
-            hit = f", {100 * c.cached_tokens / c.prompt_tokens:.0f}% cached" if c.prompt_tokens else ""
+            hit = cached_share(c)
             extra = "".join(
                 f", {n} {what}" for n, what in ((c.null_answers, "unparseable -> NULL"),
                                                 (c.failed, "failed -> NULL"),
@@ -75,6 +75,16 @@ class QueryStats:
         if self.backend_contacted is False and cached:
             lines.append(f"all {cached} answers from the result cache; backend not contacted")
         return "\n".join(lines)
+
+
+def cached_share(c: CallStats) -> str:
+    """``", 41% cached"``, or what is known where the backend did not report it."""
+    if not c.prompt_tokens:
+        return ""
+    if c.cache_unreported >= c.sent:
+        return ", cached tokens not reported by the backend"
+    share = f", {100 * c.cached_tokens / c.prompt_tokens:.0f}% cached"
+    return share + (f" ({c.cache_unreported} prompts unreported)" if c.cache_unreported else "")
 
 
 class Result:

@@ -76,6 +76,9 @@ class ServeConfig:
     default_max_tokens: int = 256
     request_timeout: float = 600.0
     """Seconds a request may wait for its answer before the server gives 503."""
+    prompt_tokens_details: bool = True
+    """Report cached prompt tokens in ``usage.prompt_tokens_details`` (off: as vLLM's server
+    without ``--enable-prompt-tokens-details``)."""
 
 
 class _BadRequest(Exception):
@@ -522,10 +525,11 @@ class LLMServer:
 
     def _envelope(self, kind: str, request: Request, answer: Response) -> dict[str, Any]:
         finish = "length" if answer.output_tokens >= request.max_tokens else "stop"
-        usage = {"prompt_tokens": answer.prompt_tokens,
+        usage: dict[str, Any] = {"prompt_tokens": answer.prompt_tokens,
                  "completion_tokens": answer.output_tokens,
-                 "total_tokens": answer.prompt_tokens + answer.output_tokens,
-                 "prompt_tokens_details": {"cached_tokens": answer.cached_tokens}}
+                 "total_tokens": answer.prompt_tokens + answer.output_tokens}
+        if self.config.prompt_tokens_details:
+            usage["prompt_tokens_details"] = {"cached_tokens": answer.cached_tokens}
         return {"id": f"{kind}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.config.served_name, "usage": usage, "finish": finish}
 

@@ -243,7 +243,7 @@ class Session:
                                                   and not caps.batch_prefix_sharing)
         size = self._batch_size or (2048 if concurrent else 64)
         return RuleContext(capabilities=caps, batch_size=size, reorder=self._optimize,
-                           warm=self._warm)
+                           warm=self._warm and self._optimize)
 
     # -- queries -----------------------------------------------------------------------------
 

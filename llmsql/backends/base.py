@@ -38,6 +38,9 @@ class Response:
     output_tokens: int = 0
     error: str | None = None
     """Set when this request failed for good; ``text`` is then empty."""
+    cached_reported: bool = True
+    """False where the backend did not say how many prompt tokens its cache supplied
+    (``cached_tokens`` is then 0 because it is unknown, not because nothing was reused)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +61,8 @@ class Capabilities:
     scheduler_batching: bool = False
     """The engine schedules a batch's requests itself (continuous batching, as vLLM does):
     large batches keep it busy."""
+    concurrent_requests: int | None = None
+    """Requests computed at once (a client's concurrency limit; None: a batch's size)."""
 
 
 @dataclass(frozen=True, slots=True)

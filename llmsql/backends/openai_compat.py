@@ -31,12 +31,21 @@ Spec options (all optional but ``base_url``):
                     ``structured_outputs``, ``guided`` (older vLLM), ``response_format``
                     (JSON schema only) or ``none``
 ``max_model_len``   the model's context (default: as the server reports it, else 32768)
+``block_size``      the server's KV-cache block size in tokens (default: as the server says:
+                    ``llmsql serve`` in its model list, vLLM in its ``/metrics``
+                    cache-config gauge; else 16). Warm-ups are planned with it: a shared
+                    prefix shorter than a block cannot be cached, so it is never warmed
+``prefix_sharing``  ``true`` when the server computes a shared prefix once for requests that
+                    arrive together, so warm-ups cannot pay (default false: over HTTP a
+                    group's requests reach a vLLM server at different steps, and warm-ups
+                    sized to its blocks measured faster, see bench/results/server_warmup.md)
 ``request_log``     a JSONL file with one line per attempt: request id, attempt id, the
                     prompt's SHA-256, outcome, HTTP status, seconds (never the key or prompt)
 ==================  ===========================================================================
 
 Cached tokens are read from ``usage.prompt_tokens_details.cached_tokens`` where the server
-reports them. ``count_tokens`` uses the server's ``/tokenize`` endpoint where it has one (vLLM,
+reports them (vLLM: started with ``--enable-prompt-tokens-details``); where it does not, the
+statistics say "not reported" rather than 0%. ``count_tokens`` uses the server's ``/tokenize`` endpoint where it has one (vLLM,
 ``llmsql serve``), else estimates 3 bytes per token.
 
 Building the backend contacts nothing: the server's model list (which model it serves, its
@@ -56,6 +65,7 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 import uuid
@@ -76,8 +86,8 @@ T = TypeVar("T")
 
 OPTIONS: tuple[str, ...] = (
     "api_key", "api_key_env", "backoff", "base_url", "concurrency", "endpoint",
-    "max_backoff", "max_model_len", "max_retries", "max_retry_after", "request_log", "rpm",
-    "structured", "timeout", "tpm",
+    "block_size", "max_backoff", "max_model_len", "max_retries", "max_retry_after",
+    "prefix_sharing", "request_log", "rpm", "structured", "timeout", "tpm",
 )
 STRUCTURED_MODES: tuple[str, ...] = (
     "auto", "structured_outputs", "guided", "response_format", "none",
@@ -148,6 +158,8 @@ class OpenAIConfig:
     structured: str = "auto"
     max_model_len: int | None = None
     request_log: str | None = None
+    block_size: int | None = None
+    prefix_sharing: bool | None = None
 
     @property
     def shown_url(self) -> str:
@@ -191,6 +203,8 @@ class OpenAIConfig:
             structured=_choice(spec, "structured", STRUCTURED_MODES, "auto"),
             max_model_len=_optional_int(spec, "max_model_len"),
             request_log=spec.option("request_log"),
+            block_size=_optional_int(spec, "block_size"),
+            prefix_sharing=_optional_bool(spec, "prefix_sharing"),
         )
 
 
@@ -212,6 +226,18 @@ def _optional(spec: BackendSpec, key: str) -> float | None:
 
 def _optional_int(spec: BackendSpec, key: str) -> int | None:
     return None if spec.option(key) is None else int(_number(spec, key, 0, minimum=1))
+
+
+def _optional_bool(spec: BackendSpec, key: str) -> bool | None:
+    value = spec.option(key)
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"option {key} of the openai backend must be true or false, got {value!r}")
 
 
 def _choice(spec: BackendSpec, key: str, choices: tuple[str, ...], default: str) -> str:
@@ -273,6 +299,34 @@ class _Outcome:
     retry_after: float | None = None
     error: str | None = None
     fatal: bool = False
+
+
+_GAUGE = re.compile(r"^vllm:cache_config_info\{([^}]*)\}", re.MULTILINE)
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def cache_config_labels(metrics: str) -> dict[str, str]:
+    """The labels of vLLM's ``vllm:cache_config_info`` gauge in a Prometheus text page.
+
+    >>> cache_config_labels('vllm:cache_config_info{block_size="128",num_gpu_blocks="90"} 1.0')
+    {'block_size': '128', 'num_gpu_blocks': '90'}
+    """
+    m = _GAUGE.search(metrics)
+    return dict(_LABEL.findall(m.group(1))) if m else {}
+
+
+def _int_label(labels: dict[str, str], key: str) -> int | None:
+    try:
+        value = int(labels.get(key, ""))
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
+def _cache_tokens(labels: dict[str, str]) -> int | None:
+    """The engine's KV-cache capacity in tokens (blocks x block size), when it says."""
+    blocks, size = _int_label(labels, "num_gpu_blocks"), _int_label(labels, "block_size")
+    return blocks * size if blocks and size else None
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:
@@ -406,7 +460,9 @@ class OpenAIBackend:
                                        backend=self.name)
                 info = self._run(self._pick_model())
                 self._mode = self._structured_mode(info)
-                self._caps = self._capabilities(info)
+                engine = self._run(self._engine_cache()) if info.get("owned_by") == "vllm" \
+                    else {}
+                self._caps = self._capabilities(info, engine)
                 self._tokenize = info.get("owned_by") in ("vllm", "llmsql")
                 self._info = info
             return self._info
@@ -445,7 +501,19 @@ class OpenAIBackend:
             return self.config.structured
         return "structured_outputs" if info.get("owned_by") in ("vllm", "llmsql") else "none"
 
-    def _capabilities(self, info: dict[str, Any]) -> Capabilities:
+    async def _engine_cache(self) -> dict[str, str]:
+        """vLLM's cache configuration from its ``/metrics`` gauge ``vllm:cache_config_info``
+        (labels such as ``block_size`` and ``num_gpu_blocks``); {} where it cannot be read.
+        One attempt: the figures refine planning, nothing depends on them."""
+        root = self.config.base_url.removesuffix("/v1")
+        try:
+            resp = await self._client.get(f"{root}/metrics")
+            text = (await resp.aread()).decode("utf-8", "replace")
+        except self._httpx.HTTPError:
+            return {}
+        return cache_config_labels(text) if resp.status_code == 200 else {}
+
+    def _capabilities(self, info: dict[str, Any], engine: dict[str, str]) -> Capabilities:
         reported = info.get("llmsql_capabilities") or {}
         server_len = info.get("max_model_len") or reported.get("max_model_len")
         mode = self._mode
@@ -459,7 +527,11 @@ class OpenAIBackend:
             max_model_len=int(self.config.max_model_len or server_len or DEFAULT_MAX_MODEL_LEN),
             reports_cached_tokens=bool(reported.get("reports_cached_tokens",
                                                     info.get("owned_by") == "vllm")),
-            block_size=int(reported.get("block_size", 16)),
+            block_size=int(self.config.block_size or reported.get("block_size")
+                           or _int_label(engine, "block_size") or 16),
+            cache_tokens=_cache_tokens(engine),
+            batch_prefix_sharing=bool(self.config.prefix_sharing),
+            concurrent_requests=self.config.concurrency,
         )
 
     # -- the protocol ------------------------------------------------------------------------
@@ -656,13 +728,15 @@ class OpenAIBackend:
                 raise TypeError("no text")
             prompt_tokens = int(usage.get("prompt_tokens") or 0)
             output_tokens = int(usage.get("completion_tokens") or 0)
-            details = usage.get("prompt_tokens_details") or {}
-            cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+            details = usage.get("prompt_tokens_details")
+            reported = isinstance(details, dict) and details.get("cached_tokens") is not None
+            cached = int(details["cached_tokens"]) if reported else 0  # type: ignore[index]
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             return _Outcome("malformed", 200, retry=True,
                             error=f"malformed reply ({type(exc).__name__})")
         return _Outcome("ok", 200, Response(text, prompt_tokens=prompt_tokens,
-                                            cached_tokens=cached, output_tokens=output_tokens))
+                                            cached_tokens=cached, output_tokens=output_tokens,
+                                            cached_reported=reported))
 
     async def _call_json(self, method: str, path: str, body: dict[str, Any] | None, *,
                          purpose: str, hint: str = "") -> Any:

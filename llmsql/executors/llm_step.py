@@ -75,6 +75,10 @@ class CallStats:
     reused: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    cache_unreported: int = 0
+    """Sent prompts whose backend did not say how many of their tokens were cached (an
+    OpenAI-compatible server without ``prompt_tokens_details``): ``cached_tokens`` then
+    undercounts, and the statistics say so instead of showing 0%."""
     output_tokens: int = 0
     warmup_prompts: int = 0
     """Shared prefixes sent alone to warm the prefix cache (``warm_prefixes``)."""
@@ -345,6 +349,7 @@ def _count_sent(answers: Sequence[Response], stats: CallStats) -> None:
     stats.sent += len(answers)
     stats.prompt_tokens += sum(r.prompt_tokens for r in answers)
     stats.cached_tokens += sum(r.cached_tokens for r in answers)
+    stats.cache_unreported += sum(1 for r in answers if not r.cached_reported)
     stats.output_tokens += sum(r.output_tokens for r in answers)
 
 
@@ -420,7 +425,8 @@ def _answer_prompts(
             values += [_parse(call, r, p, env, stats, parse)
                        for r, p in zip(resps, prompts[lo:hi], strict=True)]
             env.progress.advance(hi - lo, sum(r.prompt_tokens + r.output_tokens for r in resps),
-                                 sum(r.cached_tokens for r in resps))
+                                 sum(r.cached_tokens for r in resps)
+                                 if all(r.cached_reported for r in resps) else None)
     except KeyboardInterrupt:
         raise QueryInterrupted(
             f"query interrupted during {call.where}: {len(values)} of {len(prompts)} prompts "

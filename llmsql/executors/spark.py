@@ -462,7 +462,7 @@ class SparkExecutor:
         if prompts is None:
             env.progress.start(stats.distinct_prompts, call.where)
         env.progress.advance(stats.distinct_prompts, stats.prompt_tokens + stats.output_tokens,
-                             stats.cached_tokens)
+                             None if stats.cache_unreported else stats.cached_tokens)
         return stats
 
     def _out_schema(self, call: LLMCall, inputs_schema: Any) -> Any:

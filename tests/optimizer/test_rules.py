@@ -186,6 +186,30 @@ def test_all_placeholder_template_is_sorted_and_keeps_every_row() -> None:
     assert sorted(sent) == sorted(b.prompt(i) for i in range(4))
 
 
+def test_warm_prefixes_warms_only_what_the_cost_model_says_pays() -> None:
+    """Prefixes of ~50 tokens (the movies' synopses, shared by about 17 prompts each): worth
+    warming with 16-token blocks and 8 requests at once; with 128-token blocks nothing of
+    them can be cached, and with one request at a time no member computes them twice."""
+    from llmsql.optimizer.warm_prefixes import warm_saving
+
+    def run(caps: Capabilities) -> PromptBatch:
+        ctx = RuleContext(capabilities=caps, batch_size=64)
+        return warm_prefixes(reorder_prompts(dedup_prompts(movies(), ctx), ctx), ctx)
+
+    eight = dataclasses.replace(CONCURRENT, concurrent_requests=8)
+    pays = run(eight)
+    assert pays.warmups and "predicted to save" in pays.notes[-1]
+    for row, chars in pays.warmups:
+        members = sum(1 for i in pays.send_order() if pays.prompt(i).startswith(
+            pays.prompt(row)[:chars]))
+        assert warm_saving(chars, members, eight) > 0
+    big_blocks = run(dataclasses.replace(eight, block_size=128))
+    assert not big_blocks.warmups
+    one = run(dataclasses.replace(CONCURRENT, concurrent_requests=1))
+    assert not one.warmups and "not warmed (predicted to cost more" in one.notes[-1]
+    assert one.send_order() == pays.send_order()
+
+
 def test_warm_prefixes_can_be_switched_off() -> None:
     ctx = RuleContext(capabilities=CONCURRENT, warm=False)
     r = reorder_prompts(dedup_prompts(movies(), ctx), ctx)
