@@ -116,7 +116,7 @@ def _udf(function: str, instruction: str, fields: Sequence[Any], options: dict[s
     call = plan_column_call(function, instruction, [_column_name(f) for f in fields], options)
     spec = _spec(settings["backend"], options.get("model"), settings["backend_options"])
     ctx = RuleContext(batch_size=settings["batch_size"] or RuleContext().batch_size,
-                      reorder=settings["optimize"])
+                      reorder=settings["optimize"], warm=settings["optimize"])
     task = ColumnTask(call, spec, ctx, _time_zone(), result_type(call))
     # Spark infers the UDF kind from the type hints: arrays to an array is a scalar UDF,
     # arrays to a Python value a grouped aggregate.

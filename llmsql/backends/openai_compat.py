@@ -36,9 +36,10 @@ Spec options (all optional but ``base_url``):
                     cache-config gauge; else 16). Warm-ups are planned with it: a shared
                     prefix shorter than a block cannot be cached, so it is never warmed
 ``prefix_sharing``  ``true`` when the server computes a shared prefix once for requests that
-                    arrive together, so warm-ups cannot pay (default false: over HTTP a
-                    group's requests reach a vLLM server at different steps, and warm-ups
-                    sized to its blocks measured faster, see bench/results/server_warmup.md)
+                    arrive together, so warm-ups cannot pay (default: true for vLLM, which
+                    caches a prompt's blocks when it schedules them: warm-ups sized to its
+                    real 32-token blocks cost 7,500 tokens on W4 and saved 6,432, see
+                    bench/results/server_blocks.md; false for other servers)
 ``request_log``     a JSONL file with one line per attempt: request id, attempt id, the
                     prompt's SHA-256, outcome, HTTP status, seconds (never the key or prompt)
 ==================  ===========================================================================
@@ -530,7 +531,9 @@ class OpenAIBackend:
             block_size=int(self.config.block_size or reported.get("block_size")
                            or _int_label(engine, "block_size") or 16),
             cache_tokens=_cache_tokens(engine),
-            batch_prefix_sharing=bool(self.config.prefix_sharing),
+            batch_prefix_sharing=bool(
+                self.config.prefix_sharing if self.config.prefix_sharing is not None
+                else info.get("owned_by") == "vllm"),
             concurrent_requests=self.config.concurrency,
         )
 
