@@ -180,7 +180,8 @@ class FilterSample:
     passed: int
     """Answers that parsed as TRUE."""
     prompt_tokens: int
-    """Prompt tokens the sample cost (as the backend reported them)."""
+    """Prompt tokens the sample cost, as the backend reported them (answers the result cache
+    already held cost nothing)."""
 
     def line(self) -> str:
         """EXPLAIN's line for it."""
@@ -216,7 +217,7 @@ def _cost_lines(e: CallEstimate) -> list[str]:
 
 
 def _cached(s: CallStats) -> str:
-    if s.sent and s.cache_unreported >= s.sent:
+    if s.cached_unknown:
         return "cached tokens not reported by the backend"
     unknown = f", {s.cache_unreported} prompts unreported" if s.cache_unreported else ""
     return f"{s.cached_tokens:,} cached ({_pct(s.cached_tokens, s.prompt_tokens)}{unknown})"

@@ -81,7 +81,7 @@ def cached_share(c: CallStats) -> str:
     """``", 41% cached"``, or what is known where the backend did not report it."""
     if not c.prompt_tokens:
         return ""
-    if c.cache_unreported >= c.sent:
+    if c.cached_unknown:
         return ", cached tokens not reported by the backend"
     share = f", {100 * c.cached_tokens / c.prompt_tokens:.0f}% cached"
     return share + (f" ({c.cache_unreported} prompts unreported)" if c.cache_unreported else "")

@@ -39,7 +39,13 @@ from llmsql.cache import LazyBackend, ResultCache, default_cache_path
 from llmsql.errors import ConfigError
 from llmsql.executors import Executor, make_executor
 from llmsql.executors.base import DeferredTable
-from llmsql.executors.llm_step import CallError, CallStats, StepEnv, build_requests
+from llmsql.executors.llm_step import (
+    CallError,
+    CallStats,
+    StepEnv,
+    answer_through_cache,
+    build_requests,
+)
 from llmsql.explain import CallEstimate, FilterSample, TokenCounter, estimate_call
 from llmsql.explain import render as render_explain
 from llmsql.optimizer import RuleContext
@@ -365,10 +371,12 @@ class Session:
                 continue  # nothing runs after it: its answers change no figure
             call = call_of[cid]
             distinct = list(dict.fromkeys(prompts))
+            if not distinct:
+                continue
             chosen = random.Random(0).sample(distinct, min(size, len(distinct)))
             backend = self._step_backend(call.options.model)
             requests = build_requests(call, chosen, backend)
-            responses = backend.generate(requests)
+            responses, paid = answer_through_cache(requests, backend, self._result_cache())
             parse = REGISTRY[call.kind].parse
             passed = sum(1 for r in responses if not r.error
                          and parse(r.text, call.options).value is True)
@@ -377,7 +385,7 @@ class Session:
             head = call.template.instruction.split("{", 1)[0]
             pools[(requests[0].choices, head)] = texts
             notes.append(FilterSample(where.get(cid, cid), len(chosen), len(distinct), passed,
-                                      sum(r.prompt_tokens for r in responses)))
+                                      sum(r.prompt_tokens for r in paid)))
         return AnswerSample(known, pools), tuple(notes)
 
     def _explain_counter(self, model: str | None, analyze: bool) -> TokenCounter:

@@ -257,11 +257,27 @@ def test_explain_counts_the_chat_template(tmp_path: Path) -> None:
 
 
 def test_sample_is_refused_where_no_model_can_answer() -> None:
-    with llmsql.connect(dry_run=True, progress=False) as con:
-        with pytest.raises(llmsql.ConfigError, match="dry run"):
-            con.explain("SELECT 1", sample=4)
+    with llmsql.connect(dry_run=True, progress=False) as con, \
+            pytest.raises(llmsql.ConfigError, match="dry run"):
+        con.explain("SELECT 1", sample=4)
     with llmsql.connect(progress=False, cache=False) as con:
         with pytest.raises(llmsql.ConfigError, match="either analyze"):
             con.explain("SELECT 1", sample=4, analyze=True)
         with pytest.raises(llmsql.ConfigError, match="whole number"):
             con.explain("SELECT 1", sample=-1)
+
+
+@pytest.mark.model
+def test_sampled_answers_go_through_the_result_cache(tmp_path: Path) -> None:
+    """The sample's answers are paid once: written to the result cache, the query's run and
+    a second EXPLAIN find them there."""
+    query = ISSUE_CASES["filter+classify"]
+    with llmsql.connect(backend="transformers", progress=False,
+                        cache=tmp_path / "results.sqlite") as con:
+        con.register("reviews", str(write_reviews(tmp_path / "reviews.csv")))
+        [first] = con.explain(query, sample=4).samples
+        assert first.asked == 4 and first.prompt_tokens > 0
+        [again] = con.explain(query, sample=4).samples
+        assert again.asked == 4 and again.prompt_tokens == 0  # all four from the cache
+        filt = con.sql(query).stats.calls[0]
+    assert filt.from_cache == 4 and filt.sent == first.distinct - 4

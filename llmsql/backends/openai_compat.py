@@ -46,8 +46,8 @@ Spec options (all optional but ``base_url``):
 
 Cached tokens are read from ``usage.prompt_tokens_details.cached_tokens`` where the server
 reports them (vLLM: started with ``--enable-prompt-tokens-details``); where it does not, the
-statistics say "not reported" rather than 0%. ``count_tokens`` uses the server's ``/tokenize`` endpoint where it has one (vLLM,
-``llmsql serve``), else estimates 3 bytes per token.
+statistics say "not reported" rather than 0%. ``count_tokens`` uses the server's ``/tokenize``
+endpoint where it has one (vLLM, ``llmsql serve``), else estimates 3 bytes per token.
 
 Building the backend contacts nothing: the server's model list (which model it serves, its
 context and capabilities) is read on first need, i.e. the first request, token count or

@@ -103,6 +103,12 @@ class CallStats:
     errors: list[CallError] = field(default_factory=list)
     """Failed and unparseable rows with reasons (the first ``MAX_ERRORS_KEPT``)."""
 
+    @property
+    def cached_unknown(self) -> bool:
+        """Whether no sent prompt's cached tokens were reported (then there is no share to
+        show, rather than 0%)."""
+        return self.sent > 0 and self.cache_unreported >= self.sent
+
 
 @dataclass(slots=True)
 class StepEnv:
@@ -230,7 +236,7 @@ def _answered(call: LLMCall, prompt: str, backend: LLMBackend, env: StepEnv) -> 
     """Whether ``prompt``, as it stands, has an answer in the query's memo or the result
     cache."""
     req = _request(call, prompt, backend)
-    return _memo_key(backend, req) in env.memo or bool(_cache_hits([req], backend, env))
+    return _memo_key(backend, req) in env.memo or bool(_cache_hits([req], backend, env.cache))
 
 
 def _truncate(call: LLMCall, values: list[str], budget: int, backend: LLMBackend) -> str:
@@ -251,30 +257,44 @@ def _truncate(call: LLMCall, values: list[str], budget: int, backend: LLMBackend
 # ---- sending ------------------------------------------------------------------------------
 
 
-def _cache_hits(reqs: Sequence[Request], backend: LLMBackend, env: StepEnv) -> dict[int, Response]:
+def _cache_hits(reqs: Sequence[Request], backend: LLMBackend,
+                cache: ResultCache | None) -> dict[int, Response]:
     """Answers of reproducible ``reqs`` found in the result cache, by position."""
-    if env.cache is None:
+    if cache is None:
         return {}
     model = backend.model_id()
     keys = {i: request_key(model, r) for i, r in enumerate(reqs) if reproducible(r)}
-    found = env.cache.get_many(list(keys.values()))
+    found = cache.get_many(list(keys.values()))
     return {i: found[k] for i, k in keys.items() if k in found}
 
 
 def _commit(reqs: Sequence[Request], answers: Sequence[Response], backend: LLMBackend,
-            env: StepEnv) -> None:
+            cache: ResultCache | None) -> None:
     """Write a batch's reproducible, successful answers to the result cache."""
-    if env.cache is None:
+    if cache is None:
         return
     model = backend.model_id()
     items = [(request_key(model, q), model, a) for q, a in zip(reqs, answers, strict=True)
              if a.error is None and reproducible(q)]
     try:
-        env.cache.put_many(items)
+        cache.put_many(items)
     except sqlite3.Error as exc:
-        env.cache.write_errors += 1
+        cache.write_errors += 1
         logger.warning("could not write %d answers to the result cache %s: %s; they will be "
-                       "paid again if the query is re-run", len(items), env.cache.path, exc)
+                       "paid again if the query is re-run", len(items), cache.path, exc)
+
+
+def answer_through_cache(reqs: Sequence[Request], backend: LLMBackend,
+                         cache: ResultCache | None) -> tuple[list[Response], list[Response]]:
+    """Answers to ``reqs`` asked outside a call (EXPLAIN's sample): from the result cache
+    where it has them, the rest generated and written to it, so a later run reuses them.
+    Returns the answers in order, and those that were generated (paid)."""
+    hits = _cache_hits(reqs, backend, cache)
+    todo = [i for i in range(len(reqs)) if i not in hits]
+    fresh = _generate(backend, [reqs[i] for i in todo]) if todo else []
+    _commit([reqs[i] for i in todo], fresh, backend, cache)
+    answers = {**hits, **dict(zip(todo, fresh, strict=True))}
+    return [answers[i] for i in range(len(reqs))], fresh
 
 
 def _generate(backend: LLMBackend, reqs: list[Request]) -> list[Response]:
@@ -317,7 +337,7 @@ def _send(
             answers, warmups = answers[:len(part)], ()
         if env.budget is not None:
             env.budget.record(model, answers)
-        _commit([reqs[i] for i in part], answers, backend, env)
+        _commit([reqs[i] for i in part], answers, backend, env.cache)
         for i, resp in zip(part, answers, strict=True):
             out[i] = resp
             if resp.error is None:
@@ -414,7 +434,7 @@ def _answer_prompts(
     try:
         reqs = build_requests(call, prompts, backend)
         keys = _memo_keys(backend, reqs)
-        hits = _cache_hits(reqs, backend, env)
+        hits = _cache_hits(reqs, backend, env.cache)
         if env.budget is not None:
             env.budget.check_step(call.where, call.options.model,
                                   _to_send(reqs, keys, hits, env))
@@ -507,7 +527,7 @@ def _needed_warmups(call: LLMCall, todo: Sequence[int], prompts: Sequence[str],
     if env.cache is None and not env.memo:  # nothing answers a prompt: each one is sent
         return {i: warm[i] for i in todo if i in warm}
     reqs = build_requests(call, prompts, backend)
-    hits = _cache_hits(reqs, backend, env)
+    hits = _cache_hits(reqs, backend, env.cache)
     sent = {k for k, key in enumerate(_memo_keys(backend, reqs))
             if k not in hits and key not in env.memo}
     return {i: warm[i] for k, i in enumerate(todo)
