@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.machine import machine as describe_machine
-from llmsql.optimizer import ggr, ordering
+from bench import ggr
+from llmsql.optimizer import ordering
 
 MOVIES_Q = ("Given the movie information and a critic review, does the review recommend "
             "watching the movie? Answer Yes or No.")
@@ -281,7 +282,7 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]],
         "",
         ("Scores from ../shared/bench/prefix_score.py (characters reused / total): lru with 64-char "
         "blocks and 4096 or 1024 blocks of capacity, and prev_lcp. Solver times: llmsql best of "
-        "the repeats, GGR one run (llmsql.optimizer.ggr; \"one part\" skips the artifact's split "
+        "the repeats, GGR one run (bench/ggr.py; \"one part\" skips the artifact's split "
         "into 2,000-row parts). X1/X2 are extra tables, not in WORKLOADS.md, whose repeated values "
         "cut across groups."),
         "",

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from llmsql.backends.profile import SendProfile
-from llmsql.executors.llm_step import CallStats
+from llmsql.stats import CallStats
 from llmsql.optimizer.cost import CallCost, CostModel, call_cost
 from llmsql.plan import PromptBatch, QueryPlan
 from llmsql.udfs import REGISTRY

@@ -35,7 +35,7 @@ from llmsql.explain import (
 from llmsql.optimizer.cost import CostModel, call_cost
 
 if TYPE_CHECKING:
-    from llmsql.executors.llm_step import CallStats
+    from llmsql.stats import CallStats
     from llmsql.plan import PromptBatch
     from llmsql.session import Explain, Result, Session
 

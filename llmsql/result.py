@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from llmsql.errors import ConfigError
 from llmsql.executors.base import DeferredTable
-from llmsql.executors.llm_step import CallStats
+from llmsql.stats import CallStats
 from llmsql.frames import to_pandas
 
 if TYPE_CHECKING:

@@ -39,13 +39,8 @@ from llmsql.cache import LazyBackend, ResultCache, default_cache_path
 from llmsql.errors import ConfigError
 from llmsql.executors import Executor, make_executor
 from llmsql.executors.base import DeferredTable
-from llmsql.executors.llm_step import (
-    CallError,
-    CallStats,
-    StepEnv,
-    answer_through_cache,
-    build_requests,
-)
+from llmsql.step import StepEnv, answer_through_cache, build_requests
+from llmsql.stats import CallError, CallStats
 from llmsql.explain import CallEstimate, FilterSample, TokenCounter, estimate_call
 from llmsql.explain import render as render_explain
 from llmsql.optimizer import RuleContext

@@ -12,8 +12,8 @@ from llmsql.errors import ConfigError
 from llmsql.executors.base import Executor
 
 EXECUTORS: dict[str, str] = {
-    "duckdb": "llmsql.executors.duckdb:DuckDBExecutor",
-    "spark": "llmsql.executors.spark:SparkExecutor",
+    "duckdb": "llmsql.executors.duckdb.executor:DuckDBExecutor",
+    "spark": "llmsql.executors.spark.executor:SparkExecutor",
 }
 
 

@@ -6,7 +6,9 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
-from llmsql.executors.llm_step import CallStats, StepEnv
+from llmsql.step import StepEnv
+
+from llmsql.stats import CallStats
 from llmsql.plan import LLMCall, QueryPlan
 
 

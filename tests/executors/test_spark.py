@@ -127,7 +127,7 @@ def test_dataframe_api_equals_sql_on_duckdb(
 ) -> None:
     from pyspark.sql import functions as F
 
-    from llmsql.spark import llm, llm_agg, llm_classify, llm_extract, llm_filter
+    from llmsql.spark_columns import llm, llm_agg, llm_classify, llm_extract, llm_filter
 
     duck = model_pair[0]
     kw: dict[str, Any] = {"backend": "transformers", "batch_size": 1,
@@ -157,7 +157,7 @@ def test_dataframe_api_equals_sql_on_duckdb(
 def worker_requests(spark: Any, con: llmsql.Session) -> int:
     """Requests the executor's inference worker has generated so far (``local[2]`` has one
     executor, so one worker per spec), read by a Spark task on that executor."""
-    from llmsql.executors.spark_worker import worker_backend
+    from llmsql.executors.spark.worker import worker_backend
 
     spec = con.spec()
     read = spark.sparkContext.parallelize([0], 1).mapPartitions(

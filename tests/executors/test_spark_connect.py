@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 
 import llmsql
-from llmsql.executors.spark_session import QUERY_CONF
+from llmsql.executors.spark.session import QUERY_CONF
 from tests.answers import RuleBackend
 from tests.executors.spark_fixtures import (
     FILTER,
@@ -134,7 +134,7 @@ def test_model_answers_equal_duckdb(model_spark: llmsql.Session,
 def test_dataframe_api_on_a_connect_dataframe(spark: Any,
                                               expected: dict[str, list[str]]) -> None:
     """A boolean scalar UDF on a Column object, a struct result and a grouped aggregate."""
-    from llmsql.spark import llm_agg, llm_extract, llm_filter
+    from llmsql.spark_columns import llm_agg, llm_extract, llm_filter
 
     kw: dict[str, Any] = {"backend": "transformers", "batch_size": 1,
                           "backend_options": {"threads": 1, "idle_timeout": 120}}

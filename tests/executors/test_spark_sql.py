@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlglot
 
-from llmsql.executors.spark_sql import (
+from llmsql.executors.spark.sql import (
     as_lookup,
     hash_joinable,
     hoist_nested,

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 import llmsql
-from llmsql.executors.spark_session import QUERY_CONF
+from llmsql.executors.spark.session import QUERY_CONF
 from tests.answers import RuleBackend
 from tests.executors.spark_fixtures import MODEL, multiset, spark_session
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pytest
 
 from llmsql.errors import PlanError
-from llmsql.optimizer.ggr import ggr
+from bench.ggr import ggr
 from llmsql.optimizer.ordering import Ordering, render, repetition_bound, solve
 
 REPO = Path(__file__).resolve().parents[2]

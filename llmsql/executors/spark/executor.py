@@ -6,14 +6,14 @@ For each LLM call (see :mod:`llmsql.planner`):
    Spark (``GROUP BY`` the fields, counting the rows each distinct input stands for).
 2. **Field orders.** For a call with several appended fields, the driver chooses every
    distinct input's field order over all of them, as DuckDB does, and the tasks keep those
-   orders (:mod:`llmsql.executors.spark_orders`): a row's prompt, so its answer, does not
+   orders (:mod:`llmsql.executors.spark.orders`): a row's prompt, so its answer, does not
    depend on its partition. Beyond ``spark.llmsql.maxFieldOrderRows`` distinct inputs (or
    ``maxFieldOrderChars``) each partition chooses, as the call's notes say.
-3. **Layout.** Prefix-affinity partitioning (:mod:`llmsql.executors.spark_layout`): rows
+3. **Layout.** Prefix-affinity partitioning (:mod:`llmsql.executors.spark.layout`): rows
    whose prompts share the leading field's value stay in one partition, partitions are
    balanced by estimated tokens, too-heavy groups are split and the split shown in EXPLAIN
    (``spark.llmsql.partitioning=default``: Spark's round-robin instead).
-4. **Answers.** ``mapInArrow`` runs :func:`llmsql.executors.spark_worker.answer_partition` on
+4. **Answers.** ``mapInArrow`` runs :func:`llmsql.executors.spark.worker.answer_partition` on
    every partition: the same LLM step as DuckDB (the optimizer orders the partition's rows),
    answered by the executor's long-lived inference worker. Only the picklable
    :class:`~llmsql.backends.base.BackendSpec` travels, with the result cache's *path* (each
@@ -40,12 +40,12 @@ Settings, read once from the Spark conf when the session is built: ``spark.llmsq
 Every Spark job of a query runs with adaptive execution and partition coalescing on,
 persisted plans included, so shuffles are sized to the data rather than to
 ``spark.sql.shuffle.partitions``; a user's session gets its own settings back after each
-step (:func:`~llmsql.executors.spark_session.query_conf`).
+step (:func:`~llmsql.executors.spark.session.query_conf`).
 
-The session is opened in :mod:`llmsql.executors.spark_session`, the SQL rewrites are in
-:mod:`llmsql.executors.spark_sql`, the layout in :mod:`llmsql.executors.spark_layout`,
-the driver's field orders in :mod:`llmsql.executors.spark_orders` and the code that runs
-on executors in :mod:`llmsql.executors.spark_worker`.
+The session is opened in :mod:`llmsql.executors.spark.session`, the SQL rewrites are in
+:mod:`llmsql.executors.spark.sql`, the layout in :mod:`llmsql.executors.spark.layout`,
+the driver's field orders in :mod:`llmsql.executors.spark.orders` and the code that runs
+on executors in :mod:`llmsql.executors.spark.worker`.
 """
 
 from __future__ import annotations
@@ -70,25 +70,19 @@ from llmsql.backends.base import BackendSpec
 from llmsql.backends.dry_run import DryRunBackend
 from llmsql.budget import Budget, Usage
 from llmsql.errors import ConfigError, ExecutionError, LLMSQLError, PlanError
-from llmsql.executors.llm_step import (
-    CallStats,
-    StepEnv,
-    known_answers,
-    remember,
-    result_type,
-    run_call,
-)
-from llmsql.executors.spark_layout import (
+from llmsql.step import StepEnv, known_answers, remember, result_type, run_call
+from llmsql.stats import CallStats
+from llmsql.executors.spark.layout import (
     ORDINAL_COL,
     Layout,
     LayoutPlanner,
     SparkSettings,
     is_connect,
 )
-from llmsql.executors.spark_orders import field_orders
-from llmsql.executors.spark_session import open_session, query_conf
-from llmsql.executors.spark_sql import spark_sql
-from llmsql.executors.spark_tasks import (
+from llmsql.executors.spark.orders import field_orders
+from llmsql.executors.spark.session import open_session, query_conf
+from llmsql.executors.spark.sql import spark_sql
+from llmsql.executors.spark.tasks import (
     KNOWN_COLLECT_ROWS,
     PartitionReport,
     known_entries,
@@ -98,7 +92,7 @@ from llmsql.executors.spark_tasks import (
     partition_sizes,
     task_failure,
 )
-from llmsql.executors.spark_worker import (
+from llmsql.executors.spark.worker import (
     COUNT_COL,
     STATS_COL,
     StepTask,

@@ -10,13 +10,13 @@ one engine and share one prefix KV cache, and the model is loaded once per execu
 
 **Lifetime.** Spark kills idle Python worker processes, so no task process may own the
 worker. The first task instead starts a small *keeper* process (``python -m
-llmsql.executors.spark_worker``) in its own session; the keeper starts the worker through
+llmsql.executors.spark.worker``) in its own session; the keeper starts the worker through
 :func:`llmsql.backends.worker.connect_or_start` and owns it, and stops it when the executor's
 JVM exits or when no task has been connected for ``idle_timeout`` seconds (the spec option,
 default 600). A file lock makes concurrent first tasks start one keeper.
 
 **The step.** :func:`answer_partition` is the ``mapInArrow`` function of an LLM call: it
-answers its whole partition with :func:`llmsql.executors.llm_step.run_call` (the same code the
+answers its whole partition with :func:`llmsql.step.run_call` (the same code the
 DuckDB engine runs, so the optimizer orders the partition's rows) and yields the lookup rows
 plus one statistics row. The task opens the session's result cache by its path (answers are
 read before the worker is even attached to, and written batch by batch), starts from the
@@ -72,15 +72,8 @@ from llmsql.errors import (
     ContextLengthError,
     LLMSQLError,
 )
-from llmsql.executors.llm_step import (
-    CallStats,
-    KnownAnswers,
-    StepEnv,
-    distinct_rows,
-    remember,
-    result_type,
-    run_call,
-)
+from llmsql.step import KnownAnswers, StepEnv, distinct_rows, remember, result_type, run_call
+from llmsql.stats import CallStats
 from llmsql.optimizer import RuleContext
 from llmsql.plan import ARG_PREFIX, GROUP_PREFIX, RESULT_COL, LLMCall
 from llmsql.progress import NoProgress
@@ -202,7 +195,7 @@ def _spawn_keeper(spec: BackendSpec, path: str, jvm: tuple[int, int], gpus: str,
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = gpus
-    cmd = [sys.executable, "-m", "llmsql.executors.spark_worker", "--socket", path,
+    cmd = [sys.executable, "-m", "llmsql.executors.spark.worker", "--socket", path,
            "--watch-pid", str(jvm[0]), "--watch-start", str(jvm[1]),
            "--idle-timeout", str(idle_timeout)]
     log_fd = os.open(path + ".keeper.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -266,7 +259,7 @@ def _forget(client: WorkerClient) -> None:
 
 
 def _parse_keeper_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m llmsql.executors.spark_worker",
+    ap = argparse.ArgumentParser(prog="python -m llmsql.executors.spark.worker",
                                  description="llmsql keeper: owns one executor's worker")
     ap.add_argument("--socket", required=True)
     ap.add_argument("--watch-pid", type=int, required=True, help="the executor JVM")
@@ -485,7 +478,7 @@ def _report(task: StepTask, part: int, rows: int, inputs: pa.Table,
     """The statistics row's content (``done`` is None when the partition failed)."""
     lead: list[str] | None = None
     if done is not None and task.lead is not None and task.lead in inputs.column_names:
-        from llmsql.executors.llm_step import render_column
+        from llmsql.step import render_column
 
         lead = sorted(set(render_column(inputs.column(task.lead))))[:LEAD_VALUES_REPORTED]
     worker = None
@@ -608,6 +601,6 @@ def column_result_type(call: LLMCall) -> pa.DataType:
 
 
 if __name__ == "__main__":
-    from llmsql.executors import spark_worker as _module  # noqa: PLW0406 - see worker.py
+    from llmsql.executors.spark.executor import worker as _module  # noqa: PLW0406 - see worker.py
 
     sys.exit(_module.keeper_main())

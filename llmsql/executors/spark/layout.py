@@ -1,17 +1,17 @@
 """Where an LLM call's inputs go on a cluster: prefix-affinity layout of a Spark DataFrame.
 
 :class:`LayoutPlanner` turns a call's distinct inputs into a DataFrame partitioned for the
-executors' inference workers (see :mod:`llmsql.executors.spark`):
+executors' inference workers (see :mod:`llmsql.executors.spark.executor`):
 
 1. One Spark job measures, per field, how many characters its repeated values could share,
    and picks the leading field the way the optimizer ranks fields
-   (:func:`llmsql.optimizer.partition.field_priority`); a ``{placeholder}`` template leads
+   (:func:`llmsql.executors.spark.partition.field_priority`); a ``{placeholder}`` template leads
    with its first placeholder.
 2. A second job counts rows and estimated tokens per value of that field: the *prefix
    groups*. Only the groups, not the rows, are collected on the driver (beyond
    ``max_groups`` of them, range partitioning on the field, which also keeps equal values
    together).
-3. :func:`llmsql.optimizer.partition.plan_partitions` balances the groups over the
+3. :func:`llmsql.executors.spark.partition.plan_partitions` balances the groups over the
    partitions by tokens and splits a group too heavy for one partition; a third job (only
    then) finds the split group's next varying field, and its rows are spread by a hash of it.
 4. Rows are routed with ``repartition(n, key)``, each key chosen so that Spark's own
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from llmsql.errors import ConfigError
-from llmsql.optimizer.partition import (
+from llmsql.executors.spark.partition import (
     DEFAULT_SLACK,
     Group,
     PartitionPlan,
@@ -82,7 +82,7 @@ class SparkSettings:
     """A group may exceed the per-partition token target by this share before it is split."""
     max_field_order_rows: int = MAX_FIELD_ORDER_ROWS
     """A multi-field call's distinct inputs collected on the driver at most, to choose every
-    row's field order over all of them as DuckDB does (:mod:`llmsql.executors.spark_orders`);
+    row's field order over all of them as DuckDB does (:mod:`llmsql.executors.spark.orders`);
     beyond, each partition chooses over its own rows."""
     max_field_order_chars: int = MAX_FIELD_ORDER_CHARS
     """The same, in characters of the inputs' field values (estimated by Spark)."""

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from llmsql.errors import ConfigError
-from llmsql.executors.spark_layout import is_connect
+from llmsql.executors.spark.layout import is_connect
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession

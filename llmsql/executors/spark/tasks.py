@@ -1,8 +1,8 @@
-"""What the Spark driver makes of an LLM call's tasks (see :mod:`llmsql.executors.spark`).
+"""What the Spark driver makes of an LLM call's tasks (see :mod:`llmsql.executors.spark.executor`).
 
 Each ``mapInArrow`` task of a call returns one statistics row
-(:func:`llmsql.executors.spark_worker.answer_partition`). Here they become the call's
-:class:`~llmsql.executors.llm_step.CallStats` (:func:`merge_stats`), per-task
+(:func:`llmsql.executors.spark.worker.answer_partition`). Here they become the call's
+:class:`~llmsql.stats.CallStats` (:func:`merge_stats`), per-task
 :class:`PartitionReport` entries and, when a task reported a failure that a retry would only
 repeat, the error the driver raises (:func:`task_failure`). Also here: the per-partition size
 estimates that budget shares are computed from (:func:`partition_sizes`), and a small call's
@@ -22,16 +22,10 @@ import pyarrow as pa
 from llmsql import errors
 from llmsql.budget import Budget, PartSize, amount
 from llmsql.errors import BudgetExceeded, ExecutionError, LLMSQLError
-from llmsql.executors.llm_step import (
-    MAX_ERRORS_KEPT,
-    CallError,
-    CallStats,
-    KnownAnswers,
-    StepEnv,
-    render_column,
-)
-from llmsql.executors.spark_layout import CHARS_PER_TOKEN
-from llmsql.executors.spark_worker import local_timestamps
+from llmsql.step import KnownAnswers, StepEnv, render_column
+from llmsql.stats import MAX_ERRORS_KEPT, CallError, CallStats
+from llmsql.executors.spark.layout import CHARS_PER_TOKEN
+from llmsql.executors.spark.worker import local_timestamps
 from llmsql.plan import ARG_PREFIX, GROUP_PREFIX, RESULT_COL, LLMCall, PromptBatch
 from llmsql.udfs.base import CallKind
 

@@ -16,7 +16,8 @@ import pyarrow as pa
 from sqlglot import exp
 
 from llmsql.errors import ConfigError, ExecutionError, PlanError
-from llmsql.executors.llm_step import CallStats, StepEnv, run_call
+from llmsql.step import StepEnv, run_call
+from llmsql.stats import CallStats
 from llmsql.plan import LLMCall, QueryPlan
 
 READERS = {

@@ -12,7 +12,7 @@ rendered values); a task's ``reorder_prompts`` keeps them and orders only its ro
 row then gets DuckDB's prompt on any number of partitions.
 
 Beyond ``spark.llmsql.maxFieldOrderRows`` distinct inputs or ``maxFieldOrderChars``
-characters (:class:`~llmsql.executors.spark_layout.SparkSettings`), nothing is collected:
+characters (:class:`~llmsql.executors.spark.layout.SparkSettings`), nothing is collected:
 each partition chooses over its own rows, and the call's notes say so.
 """
 
@@ -23,9 +23,9 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from llmsql.executors.llm_step import bind
-from llmsql.executors.spark_layout import CONF_PREFIX, SparkSettings
-from llmsql.executors.spark_worker import local_timestamps
+from llmsql.step import bind
+from llmsql.executors.spark.layout import CONF_PREFIX, SparkSettings
+from llmsql.executors.spark.worker import local_timestamps
 from llmsql.optimizer import optimize
 from llmsql.optimizer.context import PinnedFieldOrders, RuleContext
 from llmsql.optimizer.dedup_prompts import dedup_prompts

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from llmsql.spark import llm, llm_filter, llm_agg
+    from llmsql.spark_columns import llm, llm_filter, llm_agg
 
     df.select("id", llm("Summarize.", "review", max_tokens=32).alias("summary"))
     df.filter(llm_filter("Does the review recommend the movie?", "synopsis", "review"))
@@ -13,7 +13,7 @@ Each function is planned by llmsql's planner exactly like the SQL function of th
 UDF on the executors: every Arrow batch (``spark.sql.execution.arrow.maxRecordsPerBatch``
 rows) goes through the optimizer's rules (each distinct input once, prompts ordered for
 prefix reuse, batching) and is answered by the executor's long-lived inference worker (see
-:mod:`llmsql.executors.spark_worker`), so the model loads once per executor.
+:mod:`llmsql.executors.spark.worker`), so the model loads once per executor.
 
 Planning is per batch, and Spark decides the row layout. For whole-table planning -- cheap
 predicates before LLM filters, one answer per distinct input across the table,
@@ -36,8 +36,8 @@ from sqlglot import exp
 from llmsql.backends import BackendSpec, default_backend_kind
 from llmsql.dialect import LLMSQL
 from llmsql.errors import ConfigError, PlanError
-from llmsql.executors.spark_layout import is_connect
-from llmsql.executors.spark_worker import ColumnTask, answer_column, answer_group
+from llmsql.executors.spark.layout import is_connect
+from llmsql.executors.spark.worker import ColumnTask, answer_column, answer_group
 from llmsql.optimizer import RuleContext
 from llmsql.parse import parse
 from llmsql.plan import LLMCall
@@ -111,7 +111,7 @@ def _udf(function: str, instruction: str, fields: Sequence[Any], options: dict[s
     from pyspark.sql.functions import arrow_udf  # type: ignore[attr-defined]
     from pyspark.sql.pandas.types import from_arrow_type
 
-    from llmsql.executors.llm_step import result_type
+    from llmsql.step import result_type
 
     call = plan_column_call(function, instruction, [_column_name(f) for f in fields], options)
     spec = _spec(settings["backend"], options.get("model"), settings["backend_options"])

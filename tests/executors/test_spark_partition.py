@@ -8,7 +8,7 @@ import random
 import pytest
 
 from llmsql.errors import PlanError
-from llmsql.optimizer.partition import (
+from llmsql.executors.spark.partition import (
     Group,
     PartitionPlan,
     describe,

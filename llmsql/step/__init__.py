@@ -1,0 +1,42 @@
+"""The LLM step every engine shares: input rows in, a lookup table of answers out.
+
+The executors (:mod:`llmsql.executors`) decide where a call's inputs come from and where its
+answers go; this package binds the inputs to the call's prompt, lets the optimizer order the
+batch, answers it through the result cache and the backend, parses the answers and returns
+the lookup table. Nothing here knows about DuckDB or Spark.
+
+The seam: :func:`run_call` / :func:`run_agg` take an :class:`LLMCall`, an Arrow table and a
+:class:`StepEnv` (what the session lends a step: a backend per model, the optimizer's
+context, progress, caches, budget) and return the lookup and the call's
+:class:`~llmsql.stats.CallStats`.
+"""
+
+from llmsql.step.llm_step import (
+    KnownAnswers,
+    StepEnv,
+    answer_through_cache,
+    bind,
+    build_requests,
+    distinct_rows,
+    known_answers,
+    remember,
+    render_column,
+    result_type,
+    run_agg,
+    run_call,
+)
+
+__all__ = [
+    "KnownAnswers",
+    "StepEnv",
+    "answer_through_cache",
+    "bind",
+    "build_requests",
+    "distinct_rows",
+    "known_answers",
+    "remember",
+    "render_column",
+    "result_type",
+    "run_agg",
+    "run_call",
+]
