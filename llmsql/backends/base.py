@@ -25,6 +25,10 @@ class Request:
     """Constrain the answer to JSON matching this JSON schema (where the backend can)."""
     ignore_eos: bool = False
     """Generate exactly ``max_tokens`` tokens (benchmarks with random weights)."""
+    choice_probs: bool = False
+    """With ``choices``: also return each choice's probability, renormalized over the
+    choices, in :attr:`Response.choice_probs` (where :attr:`Capabilities.choice_probabilities`
+    says the backend can; others leave it None). LLM_SCORE reads P("Yes") from it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +42,9 @@ class Response:
     output_tokens: int = 0
     error: str | None = None
     """Set when this request failed for good; ``text`` is then empty."""
+    choice_probs: tuple[float, ...] | None = None
+    """For a request with ``choice_probs``: one probability per choice, in the request's
+    choice order, summing to 1 (None where the backend cannot give them)."""
     cached_reported: bool = True
     """False where the backend did not say how many prompt tokens its cache supplied
     (``cached_tokens`` is then 0 because it is unknown, not because nothing was reused)."""
@@ -61,6 +68,9 @@ class Capabilities:
     scheduler_batching: bool = False
     """The engine schedules a batch's requests itself (continuous batching, as vLLM does):
     large batches keep it busy."""
+    choice_probabilities: bool = False
+    """Answers requests with ``choice_probs`` (the choices' probabilities, from the model's
+    log-probabilities)."""
     concurrent_requests: int | None = None
     """Requests computed at once (a client's concurrency limit; None: a batch's size)."""
 
