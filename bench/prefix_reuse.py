@@ -36,8 +36,8 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.machine import machine as describe_machine
 from bench import ggr
+from bench.machine import machine as describe_machine
 from llmsql.optimizer import ordering
 
 MOVIES_Q = ("Given the movie information and a critic review, does the review recommend "
@@ -106,7 +106,8 @@ def load(w: Workload, datasets: Path) -> list[list[str]]:
 
 def load_scorer(path: Path) -> Callable[..., dict[str, Any]]:
     spec = importlib.util.spec_from_file_location("prefix_score", path)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.score  # type: ignore[no-any-return]
@@ -171,7 +172,7 @@ def item_ceiling(cols: list[list[str]], names: Sequence[str], instruction: str) 
     if m > 10:
         return float("nan")
     codes = [pd.factorize(pd.Series(c, dtype=object))[0].astype(np.int64) for c in cols]
-    weight = np.array([[len(nm) + 3 + len(v) for v in c] for nm, c in zip(names, cols)]).T
+    weight = np.array([[len(nm) + 3 + len(v) for v in c] for nm, c in zip(names, cols, strict=False)]).T
     best = {0: np.zeros(n)}
     for subset in range(1, 1 << m):
         members = [j for j in range(m) if subset >> j & 1]

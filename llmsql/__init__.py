@@ -9,6 +9,10 @@ registered when the user imports them, before or after llmsql. IPython is import
 
 from __future__ import annotations
 
+from typing import Any
+
+from llmsql.config import SessionConfig
+from llmsql.dataframe import frame
 from llmsql.errors import (
     BackendError,
     ConfigError,
@@ -21,9 +25,6 @@ from llmsql.errors import (
     QueryInterrupted,
     UnsupportedError,
 )
-from typing import Any
-
-from llmsql.dataframe import frame
 from llmsql.frames import default_session, set_default_session, sql
 from llmsql.session import Explain, Result, Session, connect
 from llmsql.udfs.base import Volatility
@@ -58,6 +59,7 @@ __all__ = [
     "QueryInterrupted",
     "Result",
     "Session",
+    "SessionConfig",
     "UnsupportedError",
     "Volatility",
     "connect",

@@ -18,12 +18,15 @@ values they do not cover go through ``pa.array`` as before.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-from numpy.typing import NDArray
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from numpy.typing import NDArray
 
 
 def int64s(values: Sequence[int] | NDArray[Any], /) -> pa.Array:
@@ -76,7 +79,8 @@ def _validity(values: Sequence[Any]) -> tuple[pa.Buffer | None, int]:
 
 def from_values(values: Sequence[Any], kind: pa.DataType, /) -> pa.Array:
     """``pa.array(values, type=kind)`` for booleans and strings (None is null), built from
-    buffers; other types go through ``pa.array``."""
+    buffers; other types go through ``pa.array``.
+    """
     if pa.types.is_boolean(kind) and all(v is None or isinstance(v, bool) for v in values):
         validity, nulls = _validity(values)
         bits = np.fromiter((v is True for v in values), dtype=bool, count=len(values))

@@ -34,10 +34,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from llmsql.backends.base import Request, Response
 from llmsql.errors import BudgetExceeded, ConfigError
+
+if TYPE_CHECKING:
+    from llmsql.backends.base import Request, Response
 
 TEMPLATE_ALLOWANCE_TOKENS = 64
 """Tokens a chat template may add around a prompt (the worst-case bound adds this)."""
@@ -95,12 +97,14 @@ class Price:
         try:
             inp, out = (float(x) for x in pair)
         except (TypeError, ValueError):
-            raise ConfigError(
+            msg = (
                 f"price of model {model!r} must be (input, output) or {{'input': x, 'output': "
                 f"y}} in USD per million tokens, not {value!r}"
-            ) from None
+            )
+            raise ConfigError(msg) from None
         if inp < 0 or out < 0:
-            raise ConfigError(f"price of model {model!r} must not be negative")
+            msg = f"price of model {model!r} must not be negative"
+            raise ConfigError(msg)
         return Price(inp, out)
 
 
@@ -129,7 +133,8 @@ def apply_setting(settings: Settings, name: str, value: Any, /) -> Settings:
     if key == "on_error":
         choice = str(value).lower() if value is not None else "null"
         if choice not in ON_ERROR_CHOICES:
-            raise ConfigError(f"llmsql.on_error must be 'null' or 'fail', not {value!r}")
+            msg = f"llmsql.on_error must be 'null' or 'fail', not {value!r}"
+            raise ConfigError(msg)
         return dataclasses.replace(settings, on_error=choice)  # type: ignore[arg-type]
     if key == "cache":
         return dataclasses.replace(settings, cache=_flag(value))
@@ -147,7 +152,8 @@ def _flag(value: Any) -> bool:
     text = str(value).lower()
     if isinstance(value, bool) or text in ("true", "false", "on", "off", "1", "0"):
         return value if isinstance(value, bool) else text in ("true", "on", "1")
-    raise ConfigError(f"llmsql.cache must be true or false, not {value!r}")
+    msg = f"llmsql.cache must be true or false, not {value!r}"
+    raise ConfigError(msg)
 
 
 def _limit(name: str, value: Any) -> int | float | None:
@@ -159,7 +165,8 @@ def _limit(name: str, value: Any) -> int | float | None:
         number = -1
     if isinstance(value, bool) or number < 0:
         kind = "a non-negative number" if name == "max_cost_usd" else "a non-negative integer"
-        raise ConfigError(f"llmsql.{name} must be {kind} or NULL (no limit), not {value!r}")
+        msg = f"llmsql.{name} must be {kind} or NULL (no limit), not {value!r}"
+        raise ConfigError(msg)
     return number
 
 
@@ -227,11 +234,12 @@ class BudgetMeter:
             return price
         if self.budget.max_cost_usd is None:
             return Price(0.0, 0.0)
-        raise ConfigError(
+        msg = (
             f"llmsql.max_cost_usd is set, but no price is known for model {model or 'default'!r}"
             f"; pass prices={{{model or 'default'!r}: (usd_per_1M_input, usd_per_1M_output)}} "
             "to llmsql.connect()"
         )
+        raise ConfigError(msg)
 
     def _left(self) -> dict[str, float]:
         return {name: limit - self.used.value(name) for name in BUDGET_NAMES

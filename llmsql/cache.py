@@ -50,12 +50,14 @@ import random
 import sqlite3
 import threading
 import time
-import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmsql.backends.base import BackendSpec, Capabilities, LLMBackend, Request, Response
+from llmsql.backends.credentials import strip_credentials
 from llmsql.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -131,25 +133,13 @@ def _model_base_url(spec: BackendSpec) -> str:
     return strip_credentials(str(spec.option("base_url") or "")).rstrip("/")
 
 
-def strip_credentials(url: str, /) -> str:
-    """Drop ``user:password@`` from a URL, so it can be shown, logged or used as a key.
-
-    >>> strip_credentials("http://bob:s3cret@host:8000/v1")
-    'http://host:8000/v1'
-    """
-    parts = urllib.parse.urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-
 def _local_model_identity(name: str | None) -> str:
-    from llmsql import models
+    from llmsql.models import EMBEDDED_MODEL_NAMES, embedded_gguf_path, resolve_model
 
-    if name is None or name in models.EMBEDDED_MODEL_NAMES:
-        gguf = models.embedded_gguf_path()
+    if name is None or name in EMBEDDED_MODEL_NAMES:
+        gguf = embedded_gguf_path()
         return f"embedded:{gguf.name}:{gguf.stat().st_size}"
-    path = models.resolve_model(name)
+    path = resolve_model(name)
     digest = hashlib.sha256((path / "config.json").read_bytes())
     for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
         st = weights.stat()
@@ -172,11 +162,14 @@ def reproducible(req: Request, /) -> bool:
 
 def request_key(model: str, req: Request, /) -> bytes:
     """The cache key of ``req`` sent to ``model``: a SHA-256 digest of everything that
-    determines the answer (the prompt's text is not stored anywhere)."""
+    determines the answer (the prompt's text is not stored anywhere).
+    """
     seed = req.seed if req.temperature > 0 else None
     payload = [KEY_VERSION, model, req.prompt, req.max_tokens, req.temperature, seed,
                list(req.choices) if req.choices is not None else None, req.json_schema,
                req.ignore_eos]
+    if req.choice_probs:  # asked for probabilities: another answer (keys without it unchanged)
+        payload.append("choice_probs")
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).digest()
 
 
@@ -234,11 +227,12 @@ class ResultCache:
                     if _locked(exc) and time.monotonic() < deadline:
                         time.sleep(0.02 + random.random() * 0.08)
                         continue
-                    raise ConfigError(
+                    msg = (
                         f"the result cache {str(self.path)!r} cannot be used: {exc}; delete "
                         "the file (it only holds answers that can be recomputed) or pass "
                         "cache=False"
-                    ) from None
+                    )
+                    raise ConfigError(msg) from None
             self._con = con
         return self._con
 
@@ -249,9 +243,8 @@ class ResultCache:
         con.execute("PRAGMA synchronous = NORMAL")
         version = con.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise sqlite3.DatabaseError(
-                f"it was written by a newer llmsql (schema {version} > {SCHEMA_VERSION})"
-            )
+            msg = f"it was written by a newer llmsql (schema {version} > {SCHEMA_VERSION})"
+            raise sqlite3.DatabaseError(msg)
         if version == SCHEMA_VERSION:
             return
         con.execute("BEGIN IMMEDIATE")
@@ -379,10 +372,11 @@ def _create_private_file(path: pathlib.Path) -> None:
         finally:
             os.close(fd)
     except OSError as exc:
-        raise ConfigError(
+        msg = (
             f"cannot create the result cache {str(path)!r}: {exc.strerror}; pass "
             "cache='/a/writable/file.sqlite' or cache=False"
-        ) from None
+        )
+        raise ConfigError(msg) from None
 
 
 # ---- answering without building the backend -------------------------------------------------

@@ -1,4 +1,4 @@
-"""LLM operators on DataFrames: ``df.llm.filter/map/classify/extract/agg``.
+"""LLM operators on DataFrames: ``df.llm.filter/map/classify/extract/score/agg``.
 
 Every operator is planned as one SQL query over the frame, registered in a
 :class:`~llmsql.session.Session` for the duration of the call, so it runs through the same
@@ -24,6 +24,10 @@ index. Grouped answers:
 >>> df.llm.classify("Tone?", "review", labels=["pos", "neg"], session=con)["label"].tolist()
 ['pos', 'pos']
 >>> con.close()
+
+This module is over the 500-line guideline because each of the six functions' accessor
+methods carries a full docstring with its own runnable example; the code they share is a
+few small helpers.
 """
 
 from __future__ import annotations
@@ -33,32 +37,32 @@ import itertools
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from importlib.machinery import ModuleSpec
 from numbers import Integral, Real
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from sqlglot import exp
 
-from llmsql.dialect import LLMSQL, LLMAgg, LLMClassify, LLMExtract, LLMFilter, LLMFunc, LLMMap
-from llmsql.errors import PlanError, UnsupportedError
-from llmsql.frames import (
+from llmsql.convert import (
     ROW_COL,
     FrameKind,
     column_labels,
     frame_kind,
     from_arrow,
-    registered,
-    resolve_session,
     take,
     to_arrow,
     with_columns,
 )
-from llmsql.udfs.base import CallKind
+from llmsql.dialect import LLMSQL, NODES, LLMFunc
+from llmsql.errors import PlanError, UnsupportedError
+from llmsql.frames import registered, resolve_session
+from llmsql.udfs import CallKind
 from llmsql.udfs.prompts import placeholders
 
 if TYPE_CHECKING:
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
+
     import pandas as pd
 
     from llmsql.session import Session
@@ -66,13 +70,6 @@ if TYPE_CHECKING:
 OUT_COL = "__llmsql_out"
 """The name of the LLM result in generated queries."""
 
-_NODES: dict[CallKind, type[LLMFunc]] = {
-    CallKind.MAP: LLMMap,
-    CallKind.FILTER: LLMFilter,
-    CallKind.CLASSIFY: LLMClassify,
-    CallKind.EXTRACT: LLMExtract,
-    CallKind.AGG: LLMAgg,
-}
 _frame_ids = itertools.count(1)
 
 
@@ -89,10 +86,11 @@ def _literal(value: object, name: str) -> exp.Expression:
         return exp.Literal.number(value)
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return exp.Array(expressions=[exp.Literal.string(v) for v in value])
-    raise PlanError(
+    msg = (
         f"option {name!r} must be a string, number, boolean or list of strings, got "
         f"{type(value).__name__}"
     )
+    raise PlanError(msg)
 
 
 def _col(name: str) -> exp.Column:
@@ -129,7 +127,7 @@ def llm_call(
     args: list[exp.Expression] = [exp.Literal.string(instruction)]
     args += [exp.Kwarg(this=exp.var(k), expression=_literal(v, k)) for k, v in options]
     args += [_col(f) for f in fields]
-    return _NODES[kind](expressions=args)
+    return NODES[kind.value](expressions=args)
 
 
 def _schema_text(schema: str | Mapping[str, str]) -> str:
@@ -137,18 +135,20 @@ def _schema_text(schema: str | Mapping[str, str]) -> str:
         return schema
     if isinstance(schema, Mapping) and schema:
         return ", ".join(f"{k} {v}" for k, v in schema.items())
-    raise PlanError(
+    msg = (
         "llm.extract(): 'schema' must be 'name TYPE, ...' or a dict {name: type}, e.g. "
         "{'person': 'VARCHAR', 'year': 'INTEGER'}"
     )
+    raise PlanError(msg)
 
 
 def _check_labels(labels: Sequence[str]) -> tuple[str, ...]:
     if isinstance(labels, str) or not all(isinstance(x, str) for x in labels):
-        raise PlanError(
+        msg = (
             "llm.classify(): 'labels' must be a list of strings, e.g. labels=['pos', 'neg'], "
             f"got {labels!r}"
         )
+        raise PlanError(msg)
     return tuple(labels)
 
 
@@ -272,6 +272,28 @@ class LLMFrame:
                     for i, child in enumerate(struct.flatten())}
         return with_columns(self._data, self._kind, children)
 
+    def score(
+        self, instruction: str, /, *fields: str, column: str = "score",
+        session: Session | None = None, model: str | None = None,
+        max_tokens: int | None = None, temperature: float | None = None,
+        seed: int | None = None, truncate: bool = False,
+    ) -> Any:
+        """How likely the answer is Yes, per row (``LLM_SCORE``), added as ``column``.
+
+        Args:
+            instruction: a yes/no question; ``{column}`` placeholders are filled in.
+            *fields: columns put in the prompt.
+            column: the name of the new column (an existing one is replaced).
+            session, model, max_tokens, temperature, seed, truncate: as for :meth:`filter`.
+
+        Returns:
+            A new frame with ``column`` added: a float in [0, 1] (P(Yes) where the backend
+            gives probabilities, else the number the model answered), NULL where none.
+        """
+        opts = Options(model, max_tokens, temperature, seed, truncate)
+        call = self._call(CallKind.SCORE, instruction, fields, opts.pairs(), "score")
+        return self._add(call, column, session, "score")
+
     def agg(
         self, instruction: str, /, *fields: str, by: str | Sequence[str] = (),
         column: str | None = None, sort: bool = True, dropna: bool = True,
@@ -322,34 +344,39 @@ class LLMFrame:
             return next(name for n in itertools.count()
                         if (name := f"answer_{n}" if n else "answer") not in used)
         if not isinstance(column, str) or not column:
-            raise PlanError(f"llm.agg(): 'column' must be a non-empty string, got {column!r}")
+            msg = f"llm.agg(): 'column' must be a non-empty string, got {column!r}"
+            raise PlanError(msg)
         if column in keys:
-            raise PlanError(
+            msg = (
                 f"llm.agg(): the answer column {column!r} is also a group key, so the result "
                 "would have two columns of that name; pass another name with column=..."
             )
+            raise PlanError(msg)
         return column
 
     def _check_columns(self, names: Sequence[str], op: str) -> None:
         known = column_labels(self._data, self._kind)
         for name in names:
             if not isinstance(name, str):
-                raise PlanError(f"llm.{op}(): column names must be strings, got {name!r}")
+                msg = f"llm.{op}(): column names must be strings, got {name!r}"
+                raise PlanError(msg)
             if name not in known:
                 near = difflib.get_close_matches(name, list(known), n=1)
                 hint = f"; did you mean {near[0]!r}?" if near else ""
-                raise PlanError(
+                msg = (
                     f"llm.{op}(): unknown column {name!r}; the frame has columns "
                     f"{', '.join(map(repr, known))}{hint}"
                 )
+                raise PlanError(msg)
 
     def _call(self, kind: CallKind, instruction: str, fields: Sequence[str],
               options: Sequence[tuple[str, object]], op: str) -> LLMFunc:
         if not isinstance(instruction, str) or not instruction.strip():
-            raise PlanError(
+            msg = (
                 f"llm.{op}(): the first argument must be the instruction, a non-empty string, "
                 f"e.g. df.llm.{op}('Is the review positive?', 'review')"
             )
+            raise PlanError(msg)
         self._check_columns(list(fields), op)
         self._check_columns(list(placeholders(instruction)), op)
         return llm_call(kind, instruction, fields, options)
@@ -371,11 +398,13 @@ class LLMFrame:
             with registered(con, {name: table}):
                 return con.sql(text).arrow()
         except PlanError as exc:
-            raise PlanError(f"llm.{op}(): {exc}", sql=text) from None
+            msg = f"llm.{op}(): {exc}"
+            raise PlanError(msg, sql=text) from None
 
     def _add(self, call: LLMFunc, column: str, session: Session | None, op: str) -> Any:
         if not isinstance(column, str) or not column:
-            raise PlanError(f"llm.{op}(): 'column' must be a non-empty string, got {column!r}")
+            msg = f"llm.{op}(): 'column' must be a non-empty string, got {column!r}"
+            raise PlanError(msg)
         table = self._run(_per_row(call), call, session, op)
         return with_columns(self._data, self._kind, {column: table.column(OUT_COL)})
 
@@ -427,10 +456,11 @@ class GroupByLLM:
         if (self._gb.level is None and isinstance(keys, (list, tuple))
                 and all(isinstance(k, str) for k in keys)):
             return list(keys)
-        raise UnsupportedError(
+        msg = (
             "df.groupby(...).llm.agg() groups by column names only; for other groupings, "
             "add the key as a column and use df.llm.agg(..., by=['key'])"
         )
+        raise UnsupportedError(msg)
 
     def agg(
         self, instruction: str, /, *fields: str, column: str | None = None,
@@ -530,26 +560,35 @@ class _RegisterOnImport:
                        target: ModuleType | None) -> ModuleSpec | None:
         for finder in list(sys.meta_path):
             find = getattr(finder, "find_spec", None)
-            if finder is self or find is None:
-                continue
+            if _is_registrar(finder) or find is None:  # another copy of this module's
+                continue                                 # finder would ask this one back
             spec = find(fullname, path, target)
             if spec is not None:
                 return spec  # type: ignore[no-any-return]
         return None
 
 
+def _is_registrar(finder: object) -> bool:
+    """Whether ``finder`` is a :class:`_RegisterOnImport`, from this module or from another
+    copy of it (a module imported twice by path, as pytest's doctests do, has its own class).
+    """
+    return type(finder).__qualname__ == _RegisterOnImport.__qualname__ and \
+        type(finder).__module__.endswith("dataframe")
+
+
 def register_on_import(
     hooks: Sequence[tuple[str, Callable[[], None]]] = REGISTRATIONS, /
 ) -> None:
     """Run each library's registration now if it is imported already, else right after it
-    is (once; see :class:`_RegisterOnImport`). ``import llmsql`` calls this."""
+    is (once; see :class:`_RegisterOnImport`). ``import llmsql`` calls this.
+    """
     waiting = {}
     for name, hook in hooks:
         if name in sys.modules:
             hook()
         else:
             waiting[name] = hook
-    if waiting and not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+    if waiting and not any(_is_registrar(f) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterOnImport(waiting))
 
 

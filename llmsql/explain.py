@@ -23,22 +23,27 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from llmsql.backends.base import Capabilities
 from llmsql.backends.profile import SendProfile
-from llmsql.stats import CallStats
 from llmsql.optimizer.cost import CallCost, CostModel, call_cost
-from llmsql.plan import PromptBatch, QueryPlan
-from llmsql.udfs import REGISTRY
-from llmsql.udfs.base import CallKind
 from llmsql.udfs.llm_filter import CHOICES
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
     from sqlglot import exp
+
+    from llmsql.plan import LLMCall, PromptBatch, QueryPlan
+    from llmsql.stats import CallStats
+    from llmsql.udfs.base import Constraints
+
+NO_PROFILE = SendProfile()
+"""No measured send profile: EXPLAIN's defaults."""
 
 SAMPLE_FOR_TOKENIZER = 500
 """At most this many distinct prompts of a call are tokenized; more are estimated."""
@@ -52,7 +57,8 @@ class TokenCounter:
     """Counts prompts' tokens as sent: every prompt exactly when a call has few, else a
     sample exactly and every prompt as the tokens around an empty prompt (the template's)
     plus its length times the sample's tokens per character; without a tokenizer, one
-    token per 4 characters."""
+    token per 4 characters.
+    """
 
     count: Callable[[str], int] | None
     """A prompt's tokens as the backend is sent it (chat template included where the
@@ -91,7 +97,8 @@ class TokenCounter:
 
 def _sample(distinct: Sequence[str]) -> Sequence[str]:
     """Every ``step``-th prompt: at most :data:`SAMPLE_FOR_TOKENIZER` prompts and about
-    :data:`SAMPLE_CHARS` characters (all of them when that is fewer than twice as many)."""
+    :data:`SAMPLE_CHARS` characters (all of them when that is fewer than twice as many).
+    """
     chars = sum(map(len, distinct))
     target = min(SAMPLE_FOR_TOKENIZER, max(1, SAMPLE_CHARS * len(distinct) // max(1, chars)))
     return distinct[:: max(1, len(distinct) // target)]
@@ -105,7 +112,7 @@ def table_order_prompts(batch: PromptBatch) -> list[str]:
 
 
 def expected_output_tokens(
-    batch: PromptBatch, prompts: int, *, profile: SendProfile = SendProfile(),
+    batch: PromptBatch, prompts: int, *, profile: SendProfile = NO_PROFILE,
     text: Callable[[str], Sequence[int]] | None = None,
 ) -> tuple[int, str]:
     """Output tokens expected for ``prompts`` answers of this call, and the basis.
@@ -117,17 +124,29 @@ def expected_output_tokens(
         text: the model's tokenizer for answers (token ids of a text), if at hand.
     """
     call = batch.call
-    choices = CHOICES if call.kind is CallKind.FILTER else (
-        call.options.labels if call.kind is CallKind.CLASSIFY else None)
+    spec = call.kind.spec
+    choices = _constraints(call, profile).choices
     if choices and text is not None:
         return _choice_output(choices, prompts, profile, text)
-    if call.kind is CallKind.FILTER:
+    if choices and tuple(choices) == CHOICES:
         return prompts, "1 per prompt (Yes/No)"
-    if call.kind is CallKind.CLASSIFY and call.options.labels:
-        longest = max(max(1, round(len(lab) / 4)) for lab in call.options.labels)
+    if choices:
+        longest = max(max(1, round(len(lab) / 4)) for lab in choices)
         return prompts * longest, f"at most {longest} per prompt (longest label)"
-    cap = call.options.max_tokens or REGISTRY[call.kind].default_max_tokens
+    cap = call.options.max_tokens or spec.default_max_tokens
     return prompts * cap, f"at most {cap} per prompt (max_tokens)"
+
+
+_CHOOSING = Capabilities(constrained_choice=True, json_schema=True)
+"""Answers are estimated as constrained to their choices (a backend that cannot constrain
+them is asked to give one of them); choice probabilities only where the profile says."""
+_PROBS = dataclasses.replace(_CHOOSING, choice_probabilities=True)
+
+
+def _constraints(call: LLMCall, profile: SendProfile) -> Constraints:
+    """The request constraints EXPLAIN estimates the call's answers with."""
+    probs = profile.capabilities is not None and profile.capabilities.choice_probabilities
+    return call.kind.spec.constraints(call.options, _PROBS if probs else _CHOOSING)
 
 
 def _choice_output(choices: Sequence[str], prompts: int, profile: SendProfile,
@@ -169,7 +188,8 @@ class CallEstimate:
 @dataclass(frozen=True, slots=True)
 class FilterSample:
     """An LLM filter's pass rate as a sample of its prompts, answered by the model, gave it
-    (``explain(..., sample=N)``); later calls are costed with it."""
+    (``explain(..., sample=N)``); later calls are costed with it.
+    """
 
     call: str
     """The call, as EXPLAIN names it (``LLM_FILTER(...) at line 1, column 30``)."""
@@ -192,10 +212,11 @@ class FilterSample:
 
 
 def estimate_call(batch: PromptBatch, rows: Sequence[int], counter: TokenCounter,
-                  model: CostModel, profile: SendProfile = SendProfile()) -> CallEstimate:
+                  model: CostModel, profile: SendProfile = NO_PROFILE) -> CallEstimate:
     """The figures of one call from its optimized batch and the rows it sends."""
-    sent = batch.prompts(rows)
-    table = table_order_prompts(batch)
+    suffix = _constraints(batch.call, profile).suffix  # what the request appends
+    sent = [p + suffix for p in batch.prompts(rows)]
+    table = [p + suffix for p in table_order_prompts(batch)]
     (sent_tokens, table_tokens), how = counter.tokens(sent, table)
     out_tokens, basis = expected_output_tokens(batch, len(sent), profile=profile,
                                                text=counter.text)
@@ -208,7 +229,8 @@ def _cost_lines(e: CallEstimate) -> list[str]:
     money = f", ${c.usd:,.4f}" if c.usd is not None else ""
     return [
         f"    prompt tokens: {c.prompt_tokens:,} ({e.tokens_how})",
-        f"    expected cached tokens: {c.cached_tokens:,} ({_pct(c.cached_tokens, c.prompt_tokens)})"
+        f"    expected cached tokens: {c.cached_tokens:,} "
+        f"({_pct(c.cached_tokens, c.prompt_tokens)})"
         f" with this plan vs {c.cached_tokens_table_order:,} "
         f"({_pct(c.cached_tokens_table_order, c.prompt_tokens)}) in table order",
         f"    expected output tokens: {c.output_tokens:,} ({e.output_basis})",
@@ -248,7 +270,8 @@ def _uncommented(tree: exp.Expression) -> exp.Expression:
 
 def _without_comments(plan: QueryPlan) -> QueryPlan:
     """``plan`` without SQL comments: sqlglot keeps a file's header comments on the nodes,
-    and they would be repeated in every ``input:`` and ``Final:`` line."""
+    and they would be repeated in every ``input:`` and ``Final:`` line.
+    """
     calls = tuple(dataclasses.replace(c, input=_uncommented(c.input)) for c in plan.calls)
     return dataclasses.replace(plan, calls=calls, final=_uncommented(plan.final))
 
@@ -266,7 +289,8 @@ def _call_lines(s: CallStats, estimate: CallEstimate | None, analyze: bool) -> l
 
 def _by_plan(plans: Sequence[QueryPlan], stats: Sequence[CallStats]) -> list[list[CallStats]]:
     """Each plan's calls' statistics in execution order, a selectivity sample (a call of no
-    plan) with the plan whose calls follow it."""
+    plan) with the plan whose calls follow it.
+    """
     plan_of = {c.id: k for k, plan in enumerate(plans) for c in plan.calls}
     groups: list[list[CallStats]] = [[] for _ in plans]
     pending: list[CallStats] = []
@@ -285,7 +309,8 @@ def _by_plan(plans: Sequence[QueryPlan], stats: Sequence[CallStats]) -> list[lis
 def _total_line(stats: Sequence[CallStats], estimates: Sequence[CallEstimate],
                 analyze: bool) -> list[str]:
     """The prompt tokens of every estimated call (LLM_AGG's are not: its reduce steps
-    depend on the answers), and with ANALYZE the measured ones of every call."""
+    depend on the answers), and with ANALYZE the measured ones of every call.
+    """
     if not estimates:
         return []
     total = sum(e.cost.prompt_tokens for e in estimates)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import html
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,9 +34,11 @@ from llmsql.explain import (
 from llmsql.optimizer.cost import CostModel, call_cost
 
 if TYPE_CHECKING:
-    from llmsql.stats import CallStats
+    from collections.abc import Sequence
+
     from llmsql.plan import PromptBatch
     from llmsql.session import Explain, Result, Session
+    from llmsql.stats import CallStats
 
 COLORS = {"inputs": "#9ecae1", "rules": "#fdae6b", "generation": "#3182bd",
           "other": "#c7c7c7", "prefill": "#3182bd", "decode": "#e6550d", "query": "#a1d99b"}
@@ -143,7 +144,8 @@ def call_figures(s: CallStats, batch: tuple[PromptBatch, Sequence[int]] | None,
                  model: CostModel, *, analyze: bool, instruction: str = "",
                  estimate: CallEstimate | None = None) -> CallFigures:
     """The report row of one call from its statistics and, when known, its sent batch (or
-    EXPLAIN's estimate of it, whose prompt tokens are shown without ANALYZE)."""
+    EXPLAIN's estimate of it, whose prompt tokens are shown without ANALYZE).
+    """
     hit = table_hit = None
     out_tokens, stages = s.output_tokens, _measured_stages(s)
     prompt_tokens = s.prompt_tokens

@@ -33,9 +33,10 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 from sqlglot import exp
 
+from llmsql.convert import frame_kind
 from llmsql.errors import LLMSQLError, QueryInterrupted
 from llmsql.explain_html import ExplainReport, explain_report
-from llmsql.frames import frame_kind, registered, resolve_session
+from llmsql.frames import registered, resolve_session
 from llmsql.parse import parse
 from llmsql.session import Result, Session, connect
 
@@ -97,16 +98,19 @@ class LLMSQLMagics(Magics):
 
     def _run(self, query: str, args: Any) -> Any:
         if not query.strip():
-            raise UsageError("%%llmsql: the cell has no SQL; write a query below the magic line")
+            msg = "%%llmsql: the cell has no SQL; write a query below the magic line"
+            raise UsageError(msg)
         if args.explain and args.analyze:
-            raise UsageError("%%llmsql: use either --explain or --analyze, not both")
+            msg = "%%llmsql: use either --explain or --analyze, not both"
+            raise UsageError(msg)
         session = self._session(args)
         try:
             return self._execute(session, query, args)
         except QueryInterrupted:
             raise
         except LLMSQLError as exc:
-            raise UsageError(f"{type(exc).__name__}: {exc}") from exc
+            msg = f"{type(exc).__name__}: {exc}"
+            raise UsageError(msg) from exc
 
     def _execute(self, session: Session, query: str, args: Any) -> Any:
         known = session_tables(session)
@@ -135,12 +139,18 @@ class LLMSQLMagics(Magics):
     def _session(self, args: Any) -> Session:
         if args.session:
             if args.backend or args.model or args.dry_run:
-                raise UsageError("%%llmsql: -s/--session cannot be combined with -b, -m or "
-                                 "--dry-run (the session has its own settings)")
+                msg = (
+                    "%%llmsql: -s/--session cannot be combined with -b, -m or "
+                    "--dry-run (the session has its own settings)"
+                )
+                raise UsageError(msg)
             value = self.user_ns.get(args.session)
             if not isinstance(value, Session):
-                raise UsageError(f"%%llmsql: {args.session!r} is not a Session variable; create "
-                                 f"one with {args.session} = llmsql.connect(...)")
+                msg = (
+                    f"%%llmsql: {args.session!r} is not a Session variable; create "
+                    f"one with {args.session} = llmsql.connect(...)"
+                )
+                raise UsageError(msg)
             return value
         if not (args.backend or args.model or args.dry_run):
             return resolve_session(None)
@@ -150,7 +160,8 @@ class LLMSQLMagics(Magics):
                 self.sessions[key] = connect(backend=args.backend, model=args.model,
                                              dry_run=args.dry_run)
             except LLMSQLError as exc:
-                raise UsageError(f"{type(exc).__name__}: {exc}") from exc
+                msg = f"{type(exc).__name__}: {exc}"
+                raise UsageError(msg) from exc
         return self.sessions[key]
 
     def close(self) -> None:

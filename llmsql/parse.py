@@ -20,7 +20,8 @@ def parse(sql: str, /) -> list[exp.Expression]:
         ParseError: the text is not valid SQL, with the line and column of the problem.
     """
     if not sql.strip():
-        raise ParseError("the query is empty; write a SELECT statement", sql=sql)
+        msg = "the query is empty; write a SELECT statement"
+        raise ParseError(msg, sql=sql)
     try:
         trees = sqlglot.parse(sql, read=LLMSQL)
     except SqlglotParseError as exc:
@@ -28,19 +29,22 @@ def parse(sql: str, /) -> list[exp.Expression]:
         desc = first.get("description", str(exc))
         near = first.get("highlight") or ""
         hint = f" near {near!r}" if near else ""
+        msg = f"SQL syntax error: {desc}{hint}; check the statement's syntax"
         raise ParseError(
-            f"SQL syntax error: {desc}{hint}; check the statement's syntax",
+            msg,
             sql=sql,
             line=first.get("line"),
             col=first.get("col"),
         ) from None
     except TokenError as exc:
+        msg = f"SQL syntax error: {exc} (an unterminated string or comment?)"
         raise ParseError(
-            f"SQL syntax error: {exc} (an unterminated string or comment?)", sql=sql
+            msg, sql=sql
         ) from None
     statements = [t for t in trees if t is not None]
     if not statements:
-        raise ParseError("the query has no statement; write a SELECT statement", sql=sql)
+        msg = "the query has no statement; write a SELECT statement"
+        raise ParseError(msg, sql=sql)
     for tree in statements:
         _reject_misspelled_llm_functions(tree, sql)
     return statements
@@ -52,8 +56,9 @@ def _reject_misspelled_llm_functions(tree: exp.Expression, sql: str) -> None:
         name = str(node.this).upper()
         if name.startswith("LLM"):
             meta = node.meta or {}
+            msg = f"unknown function {node.this}(); the LLM functions are {', '.join(LLM_NAMES)}"
             raise ParseError(
-                f"unknown function {node.this}(); the LLM functions are {', '.join(LLM_NAMES)}",
+                msg,
                 sql=sql,
                 line=meta.get("line"),
                 col=meta.get("col"),

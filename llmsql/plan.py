@@ -9,13 +9,16 @@ reads answers from those lookups, so the engine never calls a model itself.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from sqlglot import exp
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
-from llmsql.udfs.base import CallKind, CallOptions, Volatility
-from llmsql.udfs.prompts import PromptTemplate
+    from sqlglot import exp
+
+    from llmsql.udfs.base import CallKind, CallOptions, Volatility
+    from llmsql.udfs.prompts import PromptTemplate
 
 ARG_PREFIX = "__llmsql_a"
 GROUP_PREFIX = "__llmsql_g"
@@ -127,7 +130,8 @@ class PromptBatch:
 
     def prompts(self, rows: Sequence[int], /) -> list[str]:
         """The prompts of ``rows`` (each as :meth:`prompt` gives it), rendered in bulk: one
-        :meth:`PromptTemplate.render_rows` per field order."""
+        :meth:`PromptTemplate.render_rows` per field order.
+        """
         if self.rendered is not None:
             return [self.rendered[i] for i in rows]
         template = self.call.template

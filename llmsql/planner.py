@@ -10,31 +10,31 @@ Calls are planned innermost scope first (CTEs before the body that reads them), 
 scope in this order: WHERE conjuncts (each one sees only rows that passed the previous
 ones), GROUP BY, SELECT, HAVING, ORDER BY, then LLM_AGG. No generic sqlglot rewrite runs
 over the tree: those duplicate or reorder LLM calls (see docs/STYLE.md).
+
+This module is over the 500-line guideline: it is one recursive walk over sqlglot scopes
+(CTEs, subqueries, WHERE/GROUP BY/SELECT/HAVING/ORDER BY, aggregates) whose cases share the
+scope state; per-function behaviour is already in the UDF specs (:mod:`llmsql.udfs`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlglot import exp
 
-from llmsql.dialect import LLMSQL, LLMAgg, LLMFilter, LLMFunc
+from llmsql.dialect import LLMSQL, LLMFunc
 from llmsql.errors import PlanError, UnsupportedError
 from llmsql.plan import ARG_PREFIX, GROUP_PREFIX, RESULT_COL, Field, LLMCall, QueryPlan
-from llmsql.udfs.base import CallKind, CallOptions
-from llmsql.udfs.llm_extract import parse_schema
+from llmsql.udfs import SPECS, CallKind
+from llmsql.udfs.base import CallOptions
 from llmsql.udfs.prompts import PromptTemplate
 
-_KINDS = {
-    "map": CallKind.MAP,
-    "filter": CallKind.FILTER,
-    "classify": CallKind.CLASSIFY,
-    "extract": CallKind.EXTRACT,
-    "agg": CallKind.AGG,
-}
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Mapping
+
 _CLAUSE_RANK = {"where": 0, "joins": 0, "group": 1, "expressions": 2, "having": 3, "order": 4}
 _CLAUSE_NAMES = {
     "where": "WHERE",
@@ -44,7 +44,11 @@ _CLAUSE_NAMES = {
     "having": "HAVING",
     "order": "ORDER BY",
 }
-OPTION_NAMES = ("model", "max_tokens", "temperature", "seed", "labels", "schema", "truncate")
+COMMON_OPTIONS = ("model", "max_tokens", "temperature", "seed", "truncate")
+"""Options every LLM function takes; a function's own (``labels``...) are in its spec."""
+OPTION_NAMES = (*COMMON_OPTIONS[:4],
+                *dict.fromkeys(r.name for s in SPECS.values() for r in s.options),
+                COMMON_OPTIONS[4])
 
 
 def plan_query(
@@ -128,10 +132,11 @@ def _move_inner_join_llm_conditions(scope: exp.Select, sql: str) -> None:
     if any(j.args.get("side") or (j.args.get("kind") or "").upper() not in ("", "INNER", "CROSS")
            for j in joins):
         line, col = _pos(next(j.find(LLMFunc) for j in joins if _has_llm(j)))  # type: ignore[arg-type]
-        raise UnsupportedError(
+        msg = (
             f"an LLM function in the ON clause of an outer join cannot be planned (line {line}, "
             f"column {col}); compute it in a subquery or CTE first and join on its result"
         )
+        raise UnsupportedError(msg)
     moved: list[exp.Expression] = []
     for join in joins:
         on = join.args.get("on")
@@ -160,8 +165,8 @@ def llm_filter_groups(tree: exp.Expression) -> list[tuple[int, tuple[int, ...]]]
     groups = []
     for scope_no, scope in enumerate(list(_selects_postorder(tree.copy()))):
         conj = _conjuncts(scope.args.get("where"))
-        plain = [i for i, c in enumerate(conj)
-                 if isinstance(c, LLMFilter) and not any(_has_llm(a) for a in c.expressions)]
+        plain = [i for i, c in enumerate(conj) if isinstance(c, LLMFunc) and c.spec.predicate
+                 and not any(_has_llm(a) for a in c.expressions)]
         if len(plain) >= 2 and len(plain) == sum(1 for c in conj if _has_llm(c)):
             groups.append((scope_no, tuple(plain)))
     return groups
@@ -171,7 +176,8 @@ def _scope_calls(
     scope: exp.Select, rank_of: Callable[[int], float]
 ) -> list[tuple[LLMFunc, int | None]]:
     """LLM calls whose nearest SELECT is ``scope``, in planning order, with the index of
-    the WHERE conjunct each one is (None when it is not a whole conjunct)."""
+    the WHERE conjunct each one is (None when it is not a whole conjunct).
+    """
     found = [n for n in scope.find_all(LLMFunc) if _scope_of(n) is scope]
     conj = _conjuncts(scope.args.get("where"))
 
@@ -180,7 +186,7 @@ def _scope_calls(
 
     def key(n: LLMFunc) -> tuple[float, float, int, int]:
         clause = _clause_of(n, scope)
-        rank = 9 if isinstance(n, LLMAgg) else _CLAUSE_RANK.get(clause, 5)
+        rank = 9 if n.spec.aggregate else _CLAUSE_RANK.get(clause, 5)
         where_rank = rank_of(conj_index(n)) if clause == "where" else 0
         return (rank, where_rank, -n.depth, found.index(n))
 
@@ -223,7 +229,7 @@ class _Bound:
 
 
 def _plan_call(node: LLMFunc, scope: exp.Select, sql: str, call_id: str) -> LLMCall:
-    kind = _KINDS[node.kind]
+    kind = node.kind
     line, col = _pos(node)
     bound = _bind(node, kind, sql)
     template = PromptTemplate.parse(bound.instruction, [f.name for f in bound.fields])
@@ -232,7 +238,7 @@ def _plan_call(node: LLMFunc, scope: exp.Select, sql: str, call_id: str) -> LLMC
     )
     clause = _clause_of(node, scope)
     keys: tuple[exp.Expression, ...] = ()
-    if kind is CallKind.AGG:
+    if node.spec.aggregate:
         keys = _group_keys(scope)
         query = _agg_input(scope, fields, keys)
     else:
@@ -261,9 +267,12 @@ def _bind(node: LLMFunc, kind: CallKind, sql: str) -> _Bound:
     name = kind.value
     line, col = _pos(node)
     if not args or not (isinstance(args[0], exp.Literal) and args[0].is_string):
-        raise PlanError(
+        msg = (
             f"the first argument of {name} must be the instruction as a string literal, "
-            f"e.g. {name}('Is the review positive?', review)",
+            f"e.g. {name}('Is the review positive?', review)"
+        )
+        raise PlanError(
+            msg,
             sql=sql, line=line, col=col,
         )
     options: dict[str, object] = {}
@@ -272,7 +281,8 @@ def _bind(node: LLMFunc, kind: CallKind, sql: str) -> _Bound:
         if isinstance(arg, (exp.Kwarg, exp.PropertyEQ)):
             key = arg.this.name.lower()
             if key in options:
-                raise PlanError(f"{name} option {key!r} is given twice", sql=sql, line=line, col=col)
+                msg = f"{name} option {key!r} is given twice"
+                raise PlanError(msg, sql=sql, line=line, col=col)
             options[key] = _option_value(arg.expression, key, name, sql, line, col)
         else:
             fields.append(_field(arg, name, sql))
@@ -283,21 +293,28 @@ def _bind(node: LLMFunc, kind: CallKind, sql: str) -> _Bound:
 def _field(arg: exp.Expression, func: str, sql: str) -> Field:
     if isinstance(arg, exp.Star) or (isinstance(arg, exp.Column) and arg.is_star):
         line, col = _pos(arg)
-        raise PlanError(
+        msg = (
             f"{func} does not take *; list the fields to put in the prompt, e.g. {func}('...', "
-            "title, review)", sql=sql, line=line, col=col,
+            "title, review)"
+        )
+        raise PlanError(
+            msg, sql=sql, line=line, col=col,
         )
     name = arg.name if isinstance(arg, exp.Column) else arg.sql(dialect=LLMSQL)
     return Field(name, arg)
 
 
-def _check_unique(fields: list[Field], func: str, sql: str, line: int | None, col: int | None) -> None:
+def _check_unique(fields: list[Field], func: str, sql: str, line: int | None,
+                  col: int | None) -> None:
     seen: set[str] = set()
     for f in fields:
         if f.name in seen:
-            raise PlanError(
+            msg = (
                 f"{func} has two fields named {f.name!r}; a prompt field's name is its column "
-                "name, so rename one in a subquery or CTE (SELECT x AS other_name ...)",
+                "name, so rename one in a subquery or CTE (SELECT x AS other_name ...)"
+            )
+            raise PlanError(
+                msg,
                 sql=sql, line=line, col=col,
             )
         seen.add(f.name)
@@ -316,9 +333,12 @@ def _option_value(
         isinstance(e, exp.Literal) and e.is_string for e in value.expressions
     ):
         return tuple(e.name for e in value.expressions)
-    raise PlanError(
+    msg = (
         f"{func} option {key!r} must be a constant (a string, number, boolean or list of "
-        f"strings), got {value.sql(dialect=LLMSQL)!r}", sql=sql, line=line, col=col,
+        f"strings), got {value.sql(dialect=LLMSQL)!r}"
+    )
+    raise PlanError(
+        msg, sql=sql, line=line, col=col,
     )
 
 
@@ -336,56 +356,51 @@ def _options(
 
     unknown = sorted(set(raw) - set(OPTION_NAMES))
     if unknown:
-        raise fail(f"unknown option {unknown[0]!r}; the options are {', '.join(OPTION_NAMES)}")
+        msg = f"unknown option {unknown[0]!r}; the options are {', '.join(OPTION_NAMES)}"
+        raise fail(msg)
     model = raw.get("model")
     if model is not None and not isinstance(model, str):
-        raise fail("option 'model' must be a string")
+        msg = "option 'model' must be a string"
+        raise fail(msg)
     max_tokens = raw.get("max_tokens")
     if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
                                    or max_tokens <= 0):
-        raise fail(f"option 'max_tokens' must be a positive integer, got {max_tokens!r}")
+        msg = f"option 'max_tokens' must be a positive integer, got {max_tokens!r}"
+        raise fail(msg)
     temperature = raw.get("temperature", 0.0)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-        raise fail(f"option 'temperature' must be a number >= 0, got {temperature!r}")
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or temperature < 0):
+        msg = f"option 'temperature' must be a number >= 0, got {temperature!r}"
+        raise fail(msg)
     seed = raw.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise fail(f"option 'seed' must be an integer, got {seed!r}")
+        msg = f"option 'seed' must be an integer, got {seed!r}"
+        raise fail(msg)
     truncate = raw.get("truncate", False)
     if not isinstance(truncate, bool):
-        raise fail(f"option 'truncate' must be true or false, got {truncate!r}")
-    labels = _labels(raw.get("labels"), kind, fail)
-    schema = _schema(raw.get("schema"), kind, fail)
+        msg = f"option 'truncate' must be true or false, got {truncate!r}"
+        raise fail(msg)
     return CallOptions(
         model=model, max_tokens=max_tokens, temperature=float(temperature), seed=seed,
-        labels=labels, schema=schema, truncate=truncate,
+        truncate=truncate, **_own_options(raw, kind, fail),
     )
 
 
-def _labels(value: object, kind: CallKind, fail) -> tuple[str, ...] | None:  # type: ignore[no-untyped-def]
-    if kind is not CallKind.CLASSIFY:
-        if value is not None:
-            raise fail("option 'labels' belongs to LLM_CLASSIFY")
-        return None
-    if value is None:
-        raise fail("needs labels => ['label1', 'label2', ...]")
-    if not isinstance(value, tuple) or len(value) < 2:
-        raise fail("labels must be a list of at least two strings, e.g. labels => ['pos', 'neg']")
-    if any(not lab.strip() for lab in value) or len({lab.lower() for lab in value}) != len(value):
-        raise fail(f"labels must be non-empty and distinct (ignoring case), got {list(value)!r}")
-    return value
-
-
-def _schema(value: object, kind: CallKind, fail):  # type: ignore[no-untyped-def]
-    if kind is not CallKind.EXTRACT:
-        if value is not None:
-            raise fail("option 'schema' belongs to LLM_EXTRACT")
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise fail("needs schema => 'name TYPE, ...', e.g. schema => 'title VARCHAR, year INTEGER'")
-    try:
-        return parse_schema(value)
-    except PlanError as exc:
-        raise fail(str(exc)) from None
+def _own_options(raw: dict[str, object], kind: CallKind,
+                 fail: Callable[[str], PlanError]) -> dict[str, object]:
+    """The options only some functions take, checked by the spec that takes them."""
+    own = {r.name: r for r in kind.spec.options}
+    for name in sorted(set(raw) - set(COMMON_OPTIONS) - set(own)):
+        owner = next(s.name for s in SPECS.values() if any(r.name == name for r in s.options))
+        msg = f"option {name!r} belongs to {owner}"
+        raise fail(msg)
+    out = {}
+    for name, rule in own.items():
+        try:
+            out[name] = rule.check(raw.get(name))
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+    return out
 
 
 # ---- input queries and lookups -------------------------------------------------------------
@@ -470,7 +485,7 @@ def _early_stop(scope: exp.Select, node: LLMFunc) -> int | None:
     """
     limit = _int_literal(scope.args.get("limit"))
     offset = _int_literal(scope.args.get("offset")) if scope.args.get("offset") else 0
-    if limit is None or offset is None or not isinstance(node, LLMFilter):
+    if limit is None or offset is None or not node.spec.predicate:
         return None
     if any(scope.args.get(k) for k in ("order", "group", "distinct", "having", "qualify")):
         return None
@@ -516,7 +531,7 @@ def _with_outer_ctes(query: exp.Expression, scope: exp.Select) -> exp.Expression
     """Attach the CTEs visible from ``scope`` that are defined in its ancestors."""
     ctes: list[exp.Expression] = []
     child: exp.Expression = scope
-    for anc in iter(lambda: child.parent, None):
+    for anc in iter(lambda: child.parent, None):  # noqa: B023 - reads the child the loop advances
         with_ = anc.args.get("with_") if isinstance(anc, exp.Expression) else None
         if with_ is not None and with_ is not child:
             visible = []
@@ -541,7 +556,8 @@ def _with_outer_ctes(query: exp.Expression, scope: exp.Select) -> exp.Expression
 
 def _lookup_expr(call: LLMCall) -> exp.Expression:
     alias = f"__llmsql_r_{call.id}"
-    if call.kind is CallKind.AGG:
+    aggregate = call.kind.spec.aggregate
+    if aggregate:
         pairs = [(f"{GROUP_PREFIX}{i}", k) for i, k in enumerate(call.group_keys)]
     else:
         pairs = [(f"{ARG_PREFIX}{i}", f.expr) for i, f in enumerate(call.fields)]
@@ -552,7 +568,7 @@ def _lookup_expr(call: LLMCall) -> exp.Expression:
     if conds:
         sel = sel.where(exp.and_(*conds))
     sub = exp.Subquery(this=sel)
-    if call.kind is CallKind.AGG:
+    if aggregate:
         return exp.AnyValue(this=sub)
     return sub
 
@@ -569,7 +585,8 @@ def sampled(query: exp.Expression, rows: int, /, *, seed: int = 7) -> exp.Expres
 def _reject_leftover_calls(work: exp.Expression, sql: str) -> None:
     for node in work.find_all(LLMFunc):
         line, col = _pos(node)
-        raise UnsupportedError(
+        msg = (
             f"{node.sql_name()} at line {line}, column {col} is outside any SELECT scope "
             "llmsql can plan; move it into a SELECT"
         )
+        raise UnsupportedError(msg)

@@ -16,7 +16,8 @@ class Progress(Protocol):
 
     def advance(self, n: int, tokens: int, cached: int | None, /) -> None:
         """``n`` more prompts answered, ``tokens`` processed, ``cached`` of them from cache
-        (None: the backend did not say)."""
+        (None: the backend did not say).
+        """
         ...
 
     def close(self) -> None:

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from llmsql.convert import to_pandas
 from llmsql.errors import ConfigError
-from llmsql.executors.base import DeferredTable
-from llmsql.stats import CallStats
-from llmsql.frames import to_pandas
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
+
+    from llmsql.executors.base import DeferredTable
+    from llmsql.stats import CallStats
 
 
 @dataclass(slots=True)
@@ -43,7 +44,8 @@ class QueryStats:
     def prompt_tokens(self) -> int:
         """Prompt tokens the backends were sent (every LLM call and selectivity sample, as
         the responses counted them: chat template included; warm-ups not): the figure
-        EXPLAIN estimates as :attr:`llmsql.session.Explain.prompt_tokens`."""
+        EXPLAIN estimates as :attr:`llmsql.session.Explain.prompt_tokens`.
+        """
         return sum(c.prompt_tokens for c in self.calls)
 
     @property
@@ -109,7 +111,7 @@ class Result:
         E.g. ``SUM`` over integers (HUGEINT) stays an integer (nullable ``Int64``, where
         DuckDB's own ``.df()`` gives float64) and a NULL string is pandas' missing
         string (None in pandas 2, NaN in pandas 3's ``str`` dtype); see
-        :func:`llmsql.frames.to_pandas`.
+        :func:`llmsql.convert.to_pandas`.
         """
         return to_pandas(self.arrow())
 
@@ -170,7 +172,8 @@ class Result:
 
 def _boxed(rel: Any, max_rows: int) -> str:
     """DuckDB's boxed rendering of ``rel`` showing up to ``max_rows`` rows (``str(rel)``
-    stops at DuckDB's own default of 20, whatever the caller asked for)."""
+    stops at DuckDB's own default of 20, whatever the caller asked for).
+    """
     import contextlib
     import io
 
@@ -186,12 +189,16 @@ def _to_spark(table: pa.Table, session: SparkSession | None) -> DataFrame:
     try:
         from pyspark.sql import SparkSession
     except ImportError:
-        raise ConfigError("Result.spark() needs pyspark: pip install 'llmsql[spark]'") from None
+        msg = "Result.spark() needs pyspark: pip install 'llmsql[spark]'"
+        raise ConfigError(msg) from None
     spark = session if session is not None else SparkSession.getActiveSession()
     if spark is None:
-        raise ConfigError(
+        msg = (
             "Result.spark(): there is no active SparkSession; pass one, as in "
-            "result.spark(spark), or run the query with llmsql.connect(engine='spark')")
+            "result.spark(spark), or run the query with llmsql.connect(engine='spark')"
+        )
+        raise ConfigError(
+            msg)
     if table.num_columns == 0:
         from pyspark.sql.types import StructType
 

@@ -18,13 +18,25 @@ completions ``prompt`` is treated the same way (one string, or a list of one). O
 ``seed``, ``ignore_eos``, choices through ``structured_outputs: {"choice": [...]}`` or
 ``guided_choice``, JSON schemas through ``response_format`` (where the backend can). Other
 fields are ignored, except those that would change the answer's shape (``stream``,
-``n > 1``, ``logprobs``, ``tools``, ``stop``), which are refused with HTTP 400.
+``n > 1``, ``tools``, ``stop``), which are refused with HTTP 400.
+
+Log-probabilities (chat: ``logprobs: true`` with ``top_logprobs: k``; completions:
+``logprobs: k``; k at most 20) are answered for requests constrained to choices, where the
+backend gives choice probabilities (the transformers backend: exact): the answer is one
+"token", the chosen choice, and the top ``k`` alternatives are the choices, each with its
+log-probability renormalized over the choices (what LLM_SCORE reads through the ``openai``
+backend). Without choices, ``logprobs`` is refused with HTTP 400.
 
 ``--request-log PATH`` writes one JSON line per generated answer (that is, per answer paid
 for): the client's ``X-Request-Id``, the prompt's SHA-256 (never its text), token counts,
 the batch, and the times it was queued and answered. ``--api-key-env NAME`` makes the server
 require ``Authorization: Bearer $NAME``.
 """
+
+# Why this module is over 500 lines: the HTTP front, the batching worker and the request
+# parsing (log-probabilities included) make one small server whose parts share its error
+# type and config; each part is short, and splitting would scatter a three-endpoint server
+# over three files.
 
 from __future__ import annotations
 
@@ -33,13 +45,13 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import queue
 import select
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,6 +60,8 @@ from typing import TYPE_CHECKING, Any
 from llmsql.backends.base import LLMBackend, Request, Response
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from llmsql.backends.openai_compat import Secret
 
 logger = logging.getLogger(__name__)
@@ -122,8 +136,9 @@ class Batcher:
         self._config = config
         self._queue: queue.Queue[_Job | _Count | None] = queue.Queue()
         self._log_lock = threading.Lock()
-        self._log = open(config.request_log, "a", encoding="utf-8") \
-            if config.request_log else None
+        # open for the server's lifetime, closed in close()
+        self._log = (open(config.request_log, "a", encoding="utf-8")  # noqa: SIM115
+                     if config.request_log else None)
         self._batches = 0
         self._thread = threading.Thread(target=self._work, name="llmsql-serve-worker",
                                         daemon=True)
@@ -240,7 +255,9 @@ class Batcher:
 
 # ---- request parsing -----------------------------------------------------------------------------
 
-_REFUSED = {"stream": "streaming", "logprobs": "logprobs", "tools": "tools",
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives a request may ask for (``top_logprobs``), as OpenAI and vLLM."""
+_REFUSED = {"stream": "streaming", "tools": "tools",
             "stop": "stop sequences", "functions": "functions"}
 
 
@@ -306,6 +323,54 @@ def _number(body: dict[str, Any], key: str, default: float, *, low: float, high:
     return float(value)
 
 
+def top_logprobs(body: dict[str, Any], endpoint: str) -> int | None:
+    """How many alternatives the body asks log-probabilities for (None: no log-probabilities).
+
+    >>> top_logprobs({"logprobs": True, "top_logprobs": 5}, "chat"), top_logprobs({}, "chat")
+    (5, None)
+    >>> top_logprobs({"logprobs": 0}, "completions")
+    0
+
+    Raises:
+        _BadRequest: the count is not an integer in 0..20.
+    """
+    if endpoint == "chat":
+        if not body.get("logprobs"):
+            return None
+        top = body.get("top_logprobs") or 0
+    else:
+        top = body.get("logprobs")
+        if top is None or top is False:
+            return None
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise _BadRequest(400, f"top_logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}")
+    return top
+
+
+def choice_logprobs(request: Request, answer: Response, top: int, endpoint: str
+                    ) -> dict[str, Any] | None:
+    """The reply's ``logprobs`` field for an answer with choice probabilities: one "token"
+    (the chosen choice) and the ``top`` most probable choices, log-probabilities renormalized
+    over the choices, in the endpoint's shape (None where the answer has none).
+    """
+    choices, probs = request.choices, answer.choice_probs
+    if choices is None or probs is None:
+        return None
+    logps = [math.log(p) if p > 0 else -9999.0 for p in probs]
+    ranked = sorted(range(len(choices)), key=lambda j: (-probs[j], j))
+    chosen = choices.index(answer.text) if answer.text in choices else ranked[0]
+    if endpoint != "chat":
+        return {"tokens": [choices[chosen]], "token_logprobs": [logps[chosen]],
+                "top_logprobs": [{choices[j]: logps[j] for j in ranked[:top]}],
+                "text_offset": [0]}
+
+    def entry(j: int) -> dict[str, Any]:
+        return {"token": choices[j], "logprob": logps[j],
+                "bytes": list(choices[j].encode("utf-8"))}
+
+    return {"content": [{**entry(chosen), "top_logprobs": [entry(j) for j in ranked[:top]]}]}
+
+
 def parse_request(body: Any, endpoint: str, backend: LLMBackend, config: ServeConfig) -> Request:
     """The :class:`Request` an OpenAI-style body asks for.
 
@@ -325,6 +390,11 @@ def parse_request(body: Any, endpoint: str, backend: LLMBackend, config: ServeCo
         raise _BadRequest(400, "this backend cannot constrain answers to choices")
     if schema is not None and not caps.json_schema:
         raise _BadRequest(400, "this backend cannot constrain answers to a JSON schema")
+    scored = top_logprobs(body, endpoint) is not None
+    if scored and (choices is None or not caps.choice_probabilities):
+        raise _BadRequest(400, "logprobs are supported only for requests constrained to "
+                          "choices (structured_outputs or guided_choice), where the backend "
+                          "gives choice probabilities")
     tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     max_tokens = config.default_max_tokens if tokens is None else int(_number(
         {"max_tokens": tokens}, "max_tokens", 0, low=1, high=caps.max_model_len))
@@ -335,6 +405,7 @@ def parse_request(body: Any, endpoint: str, backend: LLMBackend, config: ServeCo
         prompt=_prompt_of(body, endpoint), max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, low=0.0, high=2.0), seed=seed,
         choices=choices, json_schema=schema, ignore_eos=bool(body.get("ignore_eos", False)),
+        choice_probs=scored,
     )
 
 
@@ -504,6 +575,7 @@ class LLMServer:
                      "json_schema": caps.json_schema, "prefix_caching": caps.prefix_caching,
                      "reports_cached_tokens": caps.reports_cached_tokens,
                      "block_size": caps.block_size,
+                     "choice_probabilities": caps.choice_probabilities,
                  }}
         return {"object": "list", "data": [entry]}
 
@@ -541,6 +613,9 @@ class LLMServer:
         out["object"] = "chat.completion"
         out["choices"] = [{"index": 0, "finish_reason": finish,
                            "message": {"role": "assistant", "content": answer.text}}]
+        if request.choice_probs:
+            out["choices"][0]["logprobs"] = choice_logprobs(
+                request, answer, top_logprobs(body, "chat") or 0, "chat")
         return out
 
     def completions(self, body: Any, rid: str, gone: Callable[[], bool]) -> dict[str, Any]:
@@ -550,6 +625,9 @@ class LLMServer:
         finish = out.pop("finish")
         out["object"] = "text_completion"
         out["choices"] = [{"index": 0, "text": answer.text, "finish_reason": finish}]
+        if request.choice_probs:
+            out["choices"][0]["logprobs"] = choice_logprobs(
+                request, answer, top_logprobs(body, "completions") or 0, "completions")
         return out
 
     def tokenize(self, body: Any, rid: str, gone: Callable[[], bool]) -> dict[str, Any]:

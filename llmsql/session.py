@@ -1,5 +1,16 @@
 """The Session: owns the connection, the executor, the backends and the settings.
 
+A session is opened from one frozen :class:`~llmsql.config.SessionConfig` (``connect()``
+builds it from its keywords). Each statement is planned once in written order, then the
+optimizer's plan passes run over it (:func:`llmsql.optimizer.optimize_plan`), with this
+session's engine and backend behind their sampler callback (:meth:`Session._sample_filter`);
+the prompt-level rules run later, per call, inside the LLM step.
+
+Why this module is over 500 lines: the Session is the one place where the engine, the
+backends, the result cache, the budgets and EXPLAIN's dry, sampled and analyzed runs meet;
+EXPLAIN's runs (about 150 lines) reuse the query path with other backends and callbacks, so
+they stay methods beside it rather than a module reaching into the session's state.
+
 >>> import llmsql, pandas as pd
 >>> con = llmsql.connect(dry_run=True)
 >>> _ = con.register("t", pd.DataFrame({"id": [1, 2], "review": ["great", "bad"]}))
@@ -12,20 +23,17 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import random
 import weakref
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, Self, cast
 
 import pyarrow as pa
 from sqlglot import exp
 
 from llmsql.backends import (
-    BACKENDS,
     BackendSpec,
     Capabilities,
     LLMBackend,
@@ -35,27 +43,29 @@ from llmsql.backends import (
 from llmsql.backends.dry_run import AnswerSample, DryRunBackend
 from llmsql.backends.profile import send_profile
 from llmsql.budget import Budget, BudgetMeter, Price, Settings, apply_setting
-from llmsql.cache import LazyBackend, ResultCache, default_cache_path
+from llmsql.cache import LazyBackend, ResultCache
+from llmsql.config import SessionConfig, resolve_backend_options, resolve_cache_path
 from llmsql.errors import ConfigError
 from llmsql.executors import Executor, make_executor
-from llmsql.executors.base import DeferredTable
-from llmsql.step import StepEnv, answer_through_cache, build_requests
-from llmsql.stats import CallError, CallStats
 from llmsql.explain import CallEstimate, FilterSample, TokenCounter, estimate_call
 from llmsql.explain import render as render_explain
-from llmsql.optimizer import RuleContext
+from llmsql.optimizer import PlanContext, PredicateSample, RuleContext, optimize_plan
 from llmsql.optimizer.cost import CostModel
-from llmsql.optimizer.order_llm_predicates import SAMPLE_ROWS, PredicateEstimate
-from llmsql.optimizer.order_llm_predicates import estimate as estimate_predicate
-from llmsql.optimizer.order_llm_predicates import rank as rank_predicates
 from llmsql.parse import parse
 from llmsql.plan import LLMCall, PromptBatch, QueryPlan
-from llmsql.planner import llm_filter_groups, plan_query, sampled
+from llmsql.planner import plan_query
 from llmsql.progress import Progress, auto_progress
 from llmsql.result import QueryStats, Result
+from llmsql.step import StepEnv, answer_through_cache, build_requests
 from llmsql.tokens import PromptTokenizer
 from llmsql.udfs import REGISTRY
-from llmsql.udfs.base import CallKind
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Callable, Sequence
+
+    from llmsql.executors.base import DeferredTable
+    from llmsql.stats import CallError, CallStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +85,7 @@ class Explain:
     """Per LLM call statistics in execution order (dry-run figures without ANALYZE)."""
     batches: tuple[tuple[PromptBatch, tuple[int, ...]], ...] = ()
     """Each optimized batch with the rows it sent, in send order."""
-    cost_model: CostModel = CostModel()
+    cost_model: CostModel = field(default_factory=CostModel)
     """The cost model the figures were computed with."""
     estimates: tuple[CallEstimate, ...] = ()
     """EXPLAIN's figures per call (selectivity samples included), in execution order."""
@@ -86,7 +96,8 @@ class Explain:
     def prompt_tokens(self) -> int:
         """The prompt tokens EXPLAIN expects the backend to be sent (every call, chat
         template included): what ANALYZE measures as
-        :attr:`llmsql.result.QueryStats.prompt_tokens`."""
+        :attr:`llmsql.result.QueryStats.prompt_tokens`.
+        """
         return sum(e.cost.prompt_tokens for e in self.estimates)
 
     def write_prompts(self, path: str | os.PathLike[str]) -> None:
@@ -100,7 +111,8 @@ class Explain:
 def _write_jsonl(path: Path, prompts: tuple[str, ...]) -> None:
     """One ``{"prompt": ...}`` per line, as ``json.dumps(..., ensure_ascii=False)`` writes it
     (its own string encoder, called directly: a dumps call per prompt was a tenth of
-    EXPLAIN's time on 28k prompts)."""
+    EXPLAIN's time on 28k prompts).
+    """
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         f.writelines([f'{{"prompt": {encode_basestring(p)}}}\n' for p in prompts])
@@ -108,60 +120,55 @@ def _write_jsonl(path: Path, prompts: tuple[str, ...]) -> None:
 
 
 class Session:
-    """A connection: tables, a DuckDB engine, lazily built backends."""
+    """A connection: tables, a DuckDB engine, lazily built backends.
+
+    Open one with :func:`connect`, or from a config: ``Session(SessionConfig(...))``.
+    ``Session(**settings)`` takes the config's fields as keywords (over ``config`` when both
+    are given); ``cost_model`` sets the figures EXPLAIN assumes.
+    """
 
     _ids = itertools.count(1)
 
     def __init__(
         self,
+        config: SessionConfig | None = None,
+        /,
         *,
-        backend: str | LLMBackend | None = None,
-        model: str | None = None,
-        database: str = ":memory:",
-        progress: bool | None = None,
-        optimize: bool = True,
-        warm_prefixes: bool = True,
-        batch_size: int | None = None,
-        dry_run: bool = False,
-        backend_options: dict[str, Any] | None = None,
-        engine: str = "duckdb",
-        spark: Any = None,
         cost_model: CostModel | None = None,
-        cache: bool | str | os.PathLike[str] | None = None,
-        on_error: str = "null",
-        budget: Budget | dict[str, Any] | None = None,
-        prices: dict[str, Any] | None = None,
+        **settings: Any,
     ) -> None:
-        if isinstance(backend, str) and backend not in BACKENDS:
-            raise ConfigError(
-                f"unknown backend {backend!r}; choose one of: {', '.join(sorted(BACKENDS))}"
-            )
+        if config is None:
+            config = SessionConfig(**settings)
+        elif settings:
+            config = dataclasses.replace(config, **settings)
+        self._config = config
+        backend = config.backend
         self._instance = None if backend is None or isinstance(backend, str) else backend
         self._kind = backend if isinstance(backend, str) else (
             getattr(backend, "name", "custom") if backend is not None else default_backend_kind()
         )
-        self._model = model
-        self._options = dict(backend_options or {})
-        self._progress_flag = progress
-        self._optimize = optimize
-        self._warm = warm_prefixes
+        self._model = config.model
         self._counters: dict[str | None, PromptTokenizer | None] = {}
-        self._batch_size = batch_size
-        self._dry_run = dry_run
         self._backends: dict[str | None, LLMBackend] = {}
-        self._executor = make_executor(engine, database=database, spark=spark)
+        self._executor = make_executor(config.engine, database=config.database,
+                                       spark=config.spark)
         # closes the engine at interpreter exit when the user never called close()
         self._finalizer = weakref.finalize(self, self._executor.close)
-        self.engine = engine
+        self.engine = config.engine
         self.last_stats: QueryStats | None = None
         self._cost_model = cost_model or CostModel()
-        self._settings = _initial_settings(on_error, budget)
-        self._prices = {str(k): Price.parse(str(k), v) for k, v in (prices or {}).items()}
-        self._cache_path = _cache_path(cache, custom=self._instance is not None,
-                                       dry_run=dry_run)
+        self._settings = config.settings
+        self._cache_path = resolve_cache_path(config)
         self._cache: ResultCache | None = None
         self._lazy: dict[str | None, LazyBackend] = {}
-        self._options = _resolve_openai_options(self._kind, self._options)
+        self._options = resolve_backend_options(self._kind, config.backend_options)
+
+    @property
+    def config(self) -> SessionConfig:
+        """The settings this session was opened with (``SET llmsql.*`` changes
+        :attr:`settings`, not this).
+        """
+        return self._config
 
     # -- tables -------------------------------------------------------------------------------
 
@@ -180,7 +187,8 @@ class Session:
         """The DuckDB connection, when the engine is DuckDB."""
         con = getattr(self._executor, "con", None)
         if con is None:
-            raise ConfigError(f"this session runs on {self.engine!r}, not DuckDB")
+            msg = f"this session runs on {self.engine!r}, not DuckDB"
+            raise ConfigError(msg)
         return con
 
     # -- backends -------------------------------------------------------------------------------
@@ -196,18 +204,19 @@ class Session:
         key = model or self._model
         if key not in self._backends:
             spec = self.spec(model)
-            self._backends[key] = DryRunBackend(spec) if self._dry_run else get_backend(spec)
+            self._backends[key] = (DryRunBackend(spec) if self._config.dry_run
+                                   else get_backend(spec))
         return self._backends[key]
 
     def _step_backend(self, model: str | None = None) -> LLMBackend:
         """The backend a query step uses: built lazily, so cached answers need no model."""
-        if self._instance is not None or self._dry_run:
+        if self._instance is not None or self._config.dry_run:
             return self.backend(model)
         key = model or self._model
         if key not in self._lazy:
             self._lazy[key] = LazyBackend(self.spec(model), lambda: self.backend(model),
                                           self._result_cache())
-        return cast(LLMBackend, self._lazy[key])  # capabilities is a read-only property
+        return cast("LLMBackend", self._lazy[key])  # capabilities is a read-only property
 
     def _result_cache(self) -> ResultCache | None:
         """The persistent result cache, if this session uses one (opened on first use)."""
@@ -236,15 +245,16 @@ class Session:
         return tuple(e for c in calls for e in c.errors)
 
     def _price(self, model: str | None) -> Price | None:
-        return self._prices.get(model or self._model or "default")
+        return self._config.prices.get(model or self._model or "default")
 
     def _rule_ctx(self, backend: LLMBackend) -> RuleContext:
         caps = backend.capabilities
         concurrent = caps.scheduler_batching or (caps.prefix_caching
                                                   and not caps.batch_prefix_sharing)
-        size = self._batch_size or (2048 if concurrent else 64)
-        return RuleContext(capabilities=caps, batch_size=size, reorder=self._optimize,
-                           warm=self._warm and self._optimize)
+        size = self._config.batch_size or (2048 if concurrent else 64)
+        optimize = self._config.optimize
+        return RuleContext(capabilities=caps, batch_size=size, reorder=optimize,
+                           warm=self._config.warm_prefixes and optimize)
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -258,7 +268,7 @@ class Session:
         The result reads as Arrow, pandas or a Spark DataFrame (:meth:`Result.spark`); on
         ``engine='spark'`` it stays in Spark until one of those is asked for.
         """
-        return self._run(query, self._step_backend, auto_progress(self._progress_flag),
+        return self._run(query, self._step_backend, auto_progress(self._config.progress),
                          live=True)
 
     def explain(
@@ -286,14 +296,23 @@ class Session:
                 session (which has no model to ask).
         """
         if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
-            raise ConfigError(f"EXPLAIN's sample must be a whole number of prompts >= 0, got "
-                              f"{sample!r}")
+            msg = (
+                f"EXPLAIN's sample must be a whole number of prompts >= 0, got "
+                f"{sample!r}"
+            )
+            raise ConfigError(msg)
         if sample and analyze:
-            raise ConfigError("EXPLAIN ANALYZE runs the whole query, so it needs no sample: "
-                              "pass either analyze=True or sample=N")
-        if sample and self._dry_run:
-            raise ConfigError("EXPLAIN's sample asks the model, but this session is a dry run: "
-                              "connect without dry_run=True (CLI: llmsql explain --sample N)")
+            msg = (
+                "EXPLAIN ANALYZE runs the whole query, so it needs no sample: "
+                "pass either analyze=True or sample=N"
+            )
+            raise ConfigError(msg)
+        if sample and self._config.dry_run:
+            msg = (
+                "EXPLAIN's sample asks the model, but this session is a dry run: "
+                "connect without dry_run=True (CLI: llmsql explain --sample N)"
+            )
+            raise ConfigError(msg)
         result, plans, batches, sent = self._explain_run(query, analyze, None)
         samples: tuple[FilterSample, ...] = ()
         if sample:
@@ -319,7 +338,8 @@ class Session:
         self, query: str, analyze: bool, answers: AnswerSample | None
     ) -> tuple[Result, list[QueryPlan], list[tuple[PromptBatch, tuple[int, ...]]], list[str]]:
         """Run ``query`` for EXPLAIN (the dry-run backend, or the real one with ``analyze``),
-        collecting its plans, its optimized batches with the rows each sent, and the prompts."""
+        collecting its plans, its optimized batches with the rows each sent, and the prompts.
+        """
         sent: list[str] = []
         batches: list[tuple[PromptBatch, tuple[int, ...]]] = []
         dry: dict[str | None, LLMBackend] = {}
@@ -339,7 +359,7 @@ class Session:
 
         plans: list[QueryPlan] = []
         backend_for = self._step_backend if analyze else dry_backend
-        progress = auto_progress(self._progress_flag if analyze else False)
+        progress = auto_progress(self._config.progress if analyze else False)
         result = self._run(query, backend_for, progress, on_batch=record, plans_out=plans,
                            live=analyze)
         return result, plans, batches, sent
@@ -349,12 +369,13 @@ class Session:
         where: dict[str, str],
     ) -> tuple[AnswerSample, tuple[FilterSample, ...]]:
         """Ask the model ``size`` prompts (seeded random, spread over the whole call) of each
-        LLM_FILTER call that another call runs after, from a dry run's batches."""
+        LLM_FILTER call that another call runs after, from a dry run's batches.
+        """
         order = [b.call.id for b, _ in batches]
         prompts_of: dict[str, list[str]] = {}
         call_of: dict[str, LLMCall] = {}
         for b, rows in batches:
-            if b.call.kind is CallKind.FILTER:
+            if b.call.kind.spec.predicate:
                 prompts_of.setdefault(b.call.id, []).extend(b.prompts(rows))
                 call_of[b.call.id] = b.call
         known: dict[str, str] = {}
@@ -385,7 +406,8 @@ class Session:
 
     def _explain_counter(self, model: str | None, analyze: bool) -> TokenCounter:
         """How EXPLAIN counts the prompt tokens of a call on ``model``: the model's tokenizer
-        and chat template as the backend applies them (ANALYZE: the backend's own count)."""
+        and chat template as the backend applies them (ANALYZE: the backend's own count).
+        """
         tokenizer = self._prompt_tokenizer(model)
         text = tokenizer.text_ids if tokenizer is not None else None
         templated = send_profile(self.spec(model)).chat_template
@@ -402,7 +424,8 @@ class Session:
 
     def _prompt_tokenizer(self, model: str | None) -> PromptTokenizer | None:
         """The model's tokenizer, with its chat template where the backend applies one, if
-        it is on disk already (never converts or downloads)."""
+        it is on disk already (never converts or downloads).
+        """
         key = model or self._model
         if key not in self._counters:
             profile = send_profile(self.spec(model))
@@ -413,7 +436,8 @@ class Session:
         """The dry run's capabilities, planning as the query's backend will: whether it
         caches and shares prefixes, schedules batches itself, its block and cache sizes
         (constrained choices, JSON and context length stay the dry run's, so every made-up
-        answer is valid and no prompt is refused)."""
+        answer is valid and no prompt is refused).
+        """
         dry = DryRunBackend().capabilities
         known = (self._instance.capabilities if self._instance is not None
                  else send_profile(self.spec(model)).capabilities)
@@ -435,7 +459,7 @@ class Session:
         live: bool = False,
     ) -> Result:
         stats = QueryStats()
-        shippable = live and self._instance is None and not self._dry_run
+        shippable = live and self._instance is None and not self._config.dry_run
         env = StepEnv(backend_for=backend_for, rule_ctx=self._rule_ctx, progress=progress,
                       on_batch=on_batch, spec_for=self.spec if shippable else None)
         meter = BudgetMeter(self._settings.budget, self._price)
@@ -467,44 +491,30 @@ class Session:
     def _plan_statement(
         self, query: str, tree: exp.Expression, env: StepEnv, stats: QueryStats
     ) -> QueryPlan:
-        """Plan one statement; with the optimizer on, order its LLM filters by sampling."""
+        """Plan one statement in written order, then run the plan passes over it (with the
+        optimizer on, they order its LLM filters by sampling through this session).
+        """
         qid = f"q{next(self._ids)}"
         plan = plan_query(query, tree, query_id=qid)
-        groups = llm_filter_groups(tree) if self._optimize else []
-        estimates = []
-        for scope_no, conjuncts in groups:
-            for k in conjuncts:
-                est = self._sample_filter(query, tree, (scope_no, k), f"{qid}p{k}", env, stats)
-                if est is None:
-                    return plan
-                estimates.append(est)
-        if not estimates:
-            return plan
-        return plan_query(query, tree, query_id=f"{qid}o", predicate_order=rank_predicates(
-            estimates))
+        ctx = PlanContext(sql=query, tree=tree, query_id=qid, reorder=self._config.optimize,
+                          sample=lambda call: self._sample_filter(call, query, env, stats))
+        return optimize_plan(plan, ctx)[0]
 
     def _sample_filter(
-        self, query: str, tree: exp.Expression, conjunct: tuple[int, int], qid: str,
-        env: StepEnv, stats: QueryStats,
-    ) -> PredicateEstimate | None:
-        """Answer a small sample of one LLM filter's own inputs (answers are kept in
-        ``env.known`` and never paid again) and estimate its selectivity and cost."""
-        probe = plan_query(query, tree, query_id=qid, predicate_order={conjunct: -1.0})
-        call = next(c for c in probe.calls if c.conjunct == conjunct)
-        if any(t.name.startswith("__llmsql_") for t in call.input.find_all(exp.Table)):
-            # its inputs depend on other LLM calls: keep the written order
-            return None
-        sample = dataclasses.replace(call, id=f"{call.id}s", lookup=f"{call.lookup}s",
-                                     input=sampled(call.input, SAMPLE_ROWS))
+        self, call: LLMCall, query: str, env: StepEnv, stats: QueryStats
+    ) -> PredicateSample:
+        """The plan passes' sampler: run ``call`` (an LLM filter over a sample of its own
+        inputs) on this session's engine and backend, its answers kept in ``env.known`` so
+        the query never pays for them again; its statistics join the query's.
+        """
         try:
-            s = self._executor.run_call(sample, env)
+            s = self._executor.run_call(call, env)
         finally:
-            self._executor.drop_lookups(QueryPlan(query, (sample,), sample.input))
+            self._executor.drop_lookups(QueryPlan(query, (call,), call.input))
         s.where += " (selectivity sample)"
         stats.calls.append(s)
-        return estimate_predicate(conjunct, rows=s.rows_in, distinct=s.distinct_prompts,
-                                  true=s.true_answers, prompt_tokens=s.prompt_tokens,
-                                  answered=s.sent)
+        return PredicateSample(rows=s.rows_in, distinct=s.distinct_prompts, true=s.true_answers,
+                               prompt_tokens=s.prompt_tokens, answered=s.sent)
 
     def _run_plan(self, plan: QueryPlan, env: StepEnv,
                   stats: QueryStats) -> pa.Table | DeferredTable | None:
@@ -525,7 +535,7 @@ class Session:
             self._cache.close()
         self._finalizer()
 
-    def __enter__(self) -> Session:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -552,6 +562,9 @@ def connect(
 ) -> Session:
     """Open a session.
 
+    The keywords are checked and kept as one frozen :class:`~llmsql.config.SessionConfig`
+    (:attr:`Session.config`); ``Session(SessionConfig(...))`` opens the same session.
+
     Args:
         backend: ``transformers``, ``vllm`` or ``openai``; default ``vllm`` when installed
             with a GPU present, else ``transformers``. An object implementing the
@@ -559,7 +572,8 @@ def connect(
         model: a local Hugging Face model folder, or None / ``smollm2`` for the embedded model.
         database: a DuckDB database file, or ``:memory:``.
         progress: show a progress bar (None: when stderr is a terminal).
-        optimize: reorder rows and fields for prefix-cache reuse.
+        optimize: reorder rows and fields for prefix-cache reuse, and LLM filters by
+            sampled cost x selectivity.
         warm_prefixes: on engines that run requests concurrently, send each shared prefix
             alone before its group where the engine does not share it within a batch, and
             keep windows of long answers within the engine's cache (the ``warm_prefixes``
@@ -586,49 +600,15 @@ def connect(
     Raises:
         ConfigError: an unknown backend or a bad setting.
     """
-    return Session(backend=backend, model=model, database=database, progress=progress,
-                   optimize=optimize, warm_prefixes=warm_prefixes, batch_size=batch_size,
-                   dry_run=dry_run,
-                   backend_options=backend_options, engine=engine, spark=spark,
-                   cache=cache, on_error=on_error, budget=budget, prices=prices)
+    config = SessionConfig(
+        backend=backend, model=model, database=database, engine=engine, spark=spark,
+        progress=progress, optimize=optimize, warm_prefixes=warm_prefixes,
+        batch_size=batch_size, dry_run=dry_run, cache=cache, on_error=on_error,  # type: ignore[arg-type]  # checked there
+        budget=budget, prices=prices, backend_options=backend_options)  # type: ignore[arg-type]
+    return Session(config)
 
 
-# ---- settings, cache and budgets (SET llmsql.*) ----------------------------------------------
-
-
-def _initial_settings(on_error: str, budget: Budget | dict[str, Any] | None) -> Settings:
-    settings = apply_setting(Settings(), "on_error", on_error)
-    items = dataclasses.asdict(budget) if isinstance(budget, Budget) else dict(budget or {})
-    for name, value in items.items():
-        settings = apply_setting(settings, name, value)
-    return settings
-
-
-def _cache_path(cache: bool | str | os.PathLike[str] | None, *, custom: bool,
-                dry_run: bool) -> Path | None:
-    """Where the result cache lives, or None when it is off (dry runs never cache)."""
-    if dry_run or cache is False:
-        return None
-    if cache is None:
-        env = os.environ.get("LLMSQL_CACHE", "")
-        if custom or env.lower() in ("off", "0", "false", "no"):
-            return None
-        return Path(env).expanduser() if env else default_cache_path()
-    return default_cache_path() if cache is True else Path(cache).expanduser()
-
-
-def _resolve_openai_options(kind: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Read ``OPENAI_BASE_URL`` once, and hide an API key given in code behind a Secret."""
-    if kind != "openai":
-        return options
-    from llmsql.backends.openai_compat import Secret
-
-    out = dict(options)
-    if "base_url" not in out and os.environ.get("OPENAI_BASE_URL"):
-        out["base_url"] = os.environ["OPENAI_BASE_URL"]
-    if isinstance(out.get("api_key"), str):
-        out["api_key"] = Secret(out["api_key"])
-    return out
+# ---- SET llmsql.* ------------------------------------------------------------------------------
 
 
 def _set_value(node: exp.Expression) -> Any:
@@ -642,7 +622,8 @@ def _set_value(node: exp.Expression) -> Any:
         return -float(node.this.to_py())
     if isinstance(node, (exp.Column, exp.Identifier, exp.Var)):
         return node.name
-    raise ConfigError(f"SET llmsql.*: cannot read the value {node.sql()!r}; use a literal")
+    msg = f"SET llmsql.*: cannot read the value {node.sql()!r}; use a literal"
+    raise ConfigError(msg)
 
 
 def _apply_set(session: Session, tree: exp.Expression) -> bool:
@@ -664,4 +645,4 @@ def _configure_step_env(env: StepEnv, session: Session, meter: BudgetMeter) -> N
     """Give a live run the current settings: cache, error policy, budgets."""
     env.cache = session._result_cache()
     env.on_error = session._settings.on_error
-    env.budget = meter if meter.budget.active() and not session._dry_run else None
+    env.budget = meter if meter.budget.active() and not session._config.dry_run else None

@@ -2,10 +2,11 @@
 
 Usage::
 
-    from llmsql.spark_columns import llm, llm_filter, llm_agg
+    from llmsql.spark_columns import llm, llm_filter, llm_score, llm_agg
 
     df.select("id", llm("Summarize.", "review", max_tokens=32).alias("summary"))
     df.filter(llm_filter("Does the review recommend the movie?", "synopsis", "review"))
+    df.select("id", llm_score("Is the review positive?", "review").alias("p"))
     df.groupBy("movie").agg(llm_agg("What do critics say?", "review"))
 
 Each function is planned by llmsql's planner exactly like the SQL function of the same name
@@ -30,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
+import pyarrow as pa  # noqa: TC002 - pyspark's arrow_udf reads the UDFs' 'pa.Array' annotations at runtime
 from sqlglot import exp
 
 from llmsql.backends import BackendSpec, default_backend_kind
@@ -40,14 +41,15 @@ from llmsql.executors.spark.layout import is_connect
 from llmsql.executors.spark.worker import ColumnTask, answer_column, answer_group
 from llmsql.optimizer import RuleContext
 from llmsql.parse import parse
-from llmsql.plan import LLMCall
 from llmsql.planner import plan_query
-from llmsql.udfs.base import CallKind, Volatility
+from llmsql.udfs.base import Volatility
 
 if TYPE_CHECKING:
     from pyspark.sql import Column
 
-__all__ = ["llm", "llm_agg", "llm_classify", "llm_extract", "llm_filter"]
+    from llmsql.plan import LLMCall
+
+__all__ = ["llm", "llm_agg", "llm_classify", "llm_extract", "llm_filter", "llm_score"]
 
 
 
@@ -71,8 +73,9 @@ def _literal(value: Any) -> exp.Expression:
         return exp.Literal.string(value)
     if isinstance(value, Sequence):
         return exp.Array(expressions=[_literal(v) for v in value])
-    raise ConfigError(f"an LLM option value must be a string, number, boolean or list of "
-                      f"strings, got {type(value).__name__}")
+    msg = (f"an LLM option value must be a string, number, boolean or list of strings, got "
+           f"{type(value).__name__}")
+    raise ConfigError(msg)
 
 
 def plan_column_call(function: str, instruction: str, names: Sequence[str],
@@ -83,7 +86,8 @@ def plan_column_call(function: str, instruction: str, names: Sequence[str],
     'LLM_FILTER'
     """
     if not names:
-        raise PlanError(f"{function} in the DataFrame API needs at least one field column")
+        msg = f"{function} in the DataFrame API needs at least one field column"
+        raise PlanError(msg)
     args = [exp.Literal.string(instruction).sql(dialect=LLMSQL)]
     args += [exp.column(n, quoted=True).sql(dialect=LLMSQL) for n in names]
     args += [f"{k} => {_literal(v).sql(dialect=LLMSQL)}" for k, v in options.items()
@@ -120,7 +124,7 @@ def _udf(function: str, instruction: str, fields: Sequence[Any], options: dict[s
     task = ColumnTask(call, spec, ctx, _time_zone(), result_type(call))
     # Spark infers the UDF kind from the type hints: arrays to an array is a scalar UDF,
     # arrays to a Python value a grouped aggregate.
-    if call.kind is CallKind.AGG:
+    if call.kind.spec.aggregate:
         def body(*arrays: pa.Array) -> Any:
             return answer_group(task, arrays)
     else:
@@ -222,6 +226,23 @@ def llm_extract(instruction: str, /, *fields: str | Column, schema: str,
     opts = {"schema": schema, "model": model, "max_tokens": max_tokens,
             "temperature": temperature, "seed": seed, "truncate": truncate or None}
     return _udf("LLM_EXTRACT", instruction, fields, opts,
+                _settings(backend, backend_options, batch_size, optimize))
+
+
+def llm_score(instruction: str, /, *fields: str | Column, model: str | None = None,
+              max_tokens: int | None = None, temperature: float = 0.0,
+              seed: int | None = None, truncate: bool = False,
+              backend: str | BackendSpec | None = None,
+              backend_options: Mapping[str, Any] | None = None,
+              batch_size: int | None = None, optimize: bool = True) -> Column:
+    """``LLM_SCORE(instruction, field, ...)`` as a double column in [0, 1]: P(Yes) where the
+    backend gives probabilities, else the number the model answered (NULL when none).
+
+    Arguments as for :func:`llm`.
+    """
+    opts = {"model": model, "max_tokens": max_tokens, "temperature": temperature,
+            "seed": seed, "truncate": truncate or None}
+    return _udf("LLM_SCORE", instruction, fields, opts,
                 _settings(backend, backend_options, batch_size, optimize))
 
 

@@ -70,7 +70,8 @@ class CallStats:
     @property
     def cached_unknown(self) -> bool:
         """Whether no sent prompt's cached tokens were reported (then there is no share to
-        show, rather than 0%)."""
+        show, rather than 0%).
+        """
         return self.sent > 0 and self.cache_unreported >= self.sent
 
 

@@ -20,13 +20,15 @@ True
 from __future__ import annotations
 
 import json
-import pathlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmsql.models import local_model_folder
+
+if TYPE_CHECKING:
+    import pathlib
+    from collections.abc import Callable
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                   "mask_token")
@@ -83,7 +85,8 @@ class PromptTokenizer:
 
 def _chat_template(folder: pathlib.Path) -> Callable[[str], str] | None:
     """The folder's chat template as a function of the user message, or None without one
-    (or without ``jinja2``)."""
+    (or without ``jinja2``).
+    """
     config = _read_json(folder / "tokenizer_config.json")
     source = _template_source(folder, config)
     if source is None:
@@ -120,7 +123,8 @@ def _chat_template(folder: pathlib.Path) -> Callable[[str], str] | None:
 
 def _template_source(folder: pathlib.Path, config: dict[str, Any]) -> str | None:
     """``chat_template.jinja``, else the config's ``chat_template`` (its ``default`` entry
-    when it holds several named templates)."""
+    when it holds several named templates).
+    """
     path = folder / "chat_template.jinja"
     if path.is_file():
         return path.read_text(encoding="utf-8")

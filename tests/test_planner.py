@@ -6,7 +6,7 @@ from llmsql.errors import PlanError, UnsupportedError
 from llmsql.parse import parse
 from llmsql.plan import QueryPlan
 from llmsql.planner import plan_query
-from llmsql.udfs.base import CallKind
+from llmsql.udfs import CallKind
 
 
 def plan(sql: str) -> QueryPlan:

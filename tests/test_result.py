@@ -53,7 +53,7 @@ def test_duckdb_result_is_typed_as_duckdb_types_it(dry: llmsql.Session) -> None:
 
 
 def test_pandas_of_arrow_from_elsewhere() -> None:
-    from llmsql.frames import to_pandas
+    from llmsql.convert import to_pandas
 
     # Nanosecond timestamps with a zone (pandas' own unit) keep both unit and zone.
     at = to_pandas(pa.table({"at": pa.array([0, None], pa.timestamp("ns", tz="Asia/Tokyo"))}))

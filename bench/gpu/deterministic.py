@@ -51,7 +51,8 @@ def prompts_of(model: str, data: Path, rows: int) -> dict[str, list[str]]:
         if w.wid in CALLS:
             with tempfile.NamedTemporaryFile(suffix=".jsonl") as f:
                 con.explain(w.sql, prompts=f.name)
-                out[w.wid] = [json.loads(line)["prompt"] for line in Path(f.name).open()]
+                lines = Path(f.name).read_text().splitlines()
+                out[w.wid] = [json.loads(line)["prompt"] for line in lines]
     con.close()
     return out
 

@@ -223,7 +223,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     a = ap.parse_args()
     con, coff, fon, foff = (load(p) for p in (a.capped_on, a.capped_off, a.full_on, a.full_off))
-    assert con and fon
+    assert con
+    assert fon
     ceiling = con.get("matmul_bf16_tflops")
     doc = {
         "device": con["device"], "engine": con["engine"], "model": con["model"],

@@ -52,9 +52,8 @@ def get_backend(spec: BackendSpec) -> LLMBackend:
     """
     target = BACKENDS.get(spec.kind)
     if target is None:
-        raise ConfigError(
-            f"unknown backend {spec.kind!r}; choose one of: {', '.join(sorted(BACKENDS))}"
-        )
+        msg = f"unknown backend {spec.kind!r}; choose one of: {', '.join(sorted(BACKENDS))}"
+        raise ConfigError(msg)
     module_name, cls_name = target.split(":")
     module = importlib.import_module(module_name)
     backend: LLMBackend = getattr(module, cls_name)(spec)

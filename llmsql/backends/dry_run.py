@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from llmsql.backends.base import BackendSpec, Capabilities, Request, Response
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
 
 
 def estimate_tokens(text: str) -> int:
@@ -30,7 +33,8 @@ def estimate_tokens(text: str) -> int:
 @dataclass(frozen=True, slots=True)
 class AnswerSample:
     """The model's real answers to a sample of some calls' prompts, standing in for the
-    model in a dry run."""
+    model in a dry run.
+    """
 
     known: Mapping[str, str] = field(default_factory=dict)
     """Prompt -> the model's answer text."""

@@ -196,7 +196,8 @@ def compile_schema(schema: str, vocabulary: Any, eos: Sequence[int]) -> TokenGra
     )
 
 
-def _distances(transitions: Mapping[int, Mapping[int, int]], finals: frozenset[int]) -> dict[int, int]:
+def _distances(transitions: Mapping[int, Mapping[int, int]],
+               finals: frozenset[int]) -> dict[int, int]:
     """Breadth-first search backwards from the accepting states."""
     back: dict[int, set[int]] = {}
     for s, edges in transitions.items():

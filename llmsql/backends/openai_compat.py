@@ -40,6 +40,11 @@ Spec options (all optional but ``base_url``):
                     caches a prompt's blocks when it schedules them: warm-ups sized to its
                     real 32-token blocks cost 7,500 tokens on W4 and saved 6,432, see
                     bench/results/server_blocks.md; false for other servers)
+``choice_probs``    ``true`` when the server returns log-probabilities (``logprobs`` /
+                    ``top_logprobs``), so a request with ``choice_probs`` (LLM_SCORE) gets its
+                    choices' probabilities: the first answer token's top 20 log-probabilities,
+                    matched to the choices by text and renormalized over them (default: true
+                    for vLLM, as ``llmsql serve`` says for itself, false for other servers)
 ``request_log``     a JSONL file with one line per attempt: request id, attempt id, the
                     prompt's SHA-256, outcome, HTTP status, seconds (never the key or prompt)
 ==================  ===========================================================================
@@ -56,6 +61,10 @@ no server, so a re-run answered entirely from the result cache works with the se
 Without a model name the server is asked which model it serves first, even for such a re-run.
 """
 
+# Why this module is over 500 lines: one HTTP client seam whose parts (options, rate limits,
+# retries and their classification, discovery of the server's capabilities, reply parsing
+# with log-probabilities) each stay short and are used only here.
+
 from __future__ import annotations
 
 import asyncio
@@ -70,15 +79,17 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from llmsql.backends.base import BackendSpec, Capabilities, Request, Response
-from llmsql.cache import strip_credentials
+from llmsql.backends.choice_probs import from_top_logprobs
+from llmsql.backends.credentials import strip_credentials
 from llmsql.errors import BackendError, ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine, Sequence
+
     import httpx
 
 logger = logging.getLogger(__name__)
@@ -86,7 +97,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 OPTIONS: tuple[str, ...] = (
-    "api_key", "api_key_env", "backoff", "base_url", "concurrency", "endpoint",
+    "api_key", "api_key_env", "backoff", "base_url", "choice_probs", "concurrency", "endpoint",
     "block_size", "max_backoff", "max_model_len", "max_retries", "max_retry_after",
     "prefix_sharing", "request_log", "rpm", "structured", "timeout", "tpm",
 )
@@ -99,6 +110,8 @@ FATAL_STATUS: frozenset[int] = frozenset({401, 403, 404})
 """Stop the query: the key, the URL or the model is wrong, and every request would fail."""
 DEFAULT_MAX_MODEL_LEN = 32768
 MAX_ERROR_TEXT = 300
+TOP_LOGPROBS = 20
+"""Top log-probabilities asked for with ``choice_probs`` (OpenAI's and vLLM's maximum)."""
 GIVE_UPS_TO_STOP = 16
 """Requests in a row that exhaust their retries before the query stops (server down)."""
 
@@ -161,6 +174,7 @@ class OpenAIConfig:
     request_log: str | None = None
     block_size: int | None = None
     prefix_sharing: bool | None = None
+    choice_probs: bool | None = None
 
     @property
     def shown_url(self) -> str:
@@ -176,15 +190,19 @@ class OpenAIConfig:
         """
         unknown = sorted(k for k, _ in spec.options if k not in OPTIONS)
         if unknown:
-            raise ConfigError(f"unknown option(s) {', '.join(unknown)} for the openai backend; "
-                              f"accepted: {', '.join(OPTIONS)}")
+            msg = (
+                f"unknown option(s) {', '.join(unknown)} for the openai backend; "
+                f"accepted: {', '.join(OPTIONS)}"
+            )
+            raise ConfigError(msg)
         base = spec.option("base_url")
         if not base or not str(base).startswith(("http://", "https://")):
-            raise ConfigError(
+            msg = (
                 "the openai backend needs base_url, the server's API root such as "
                 "http://127.0.0.1:8000/v1 (--base-url on the command line, base_url=... in "
                 "llmsql.connect, or OPENAI_BASE_URL)"
             )
+            raise ConfigError(msg)
         env = str(spec.option("api_key_env", "OPENAI_API_KEY"))
         key = spec.option("api_key")
         if key is None and os.environ.get(env):
@@ -206,6 +224,7 @@ class OpenAIConfig:
             request_log=spec.option("request_log"),
             block_size=_optional_int(spec, "block_size"),
             prefix_sharing=_optional_bool(spec, "prefix_sharing"),
+            choice_probs=_optional_bool(spec, "choice_probs"),
         )
 
 
@@ -216,8 +235,11 @@ def _number(spec: BackendSpec, key: str, default: float, *, minimum: float) -> f
     except (TypeError, ValueError):
         number = minimum - 1
     if isinstance(value, bool) or number < minimum:
-        raise ConfigError(f"option {key}={value!r} of the openai backend must be a number "
-                          f">= {minimum:g}")
+        msg = (
+            f"option {key}={value!r} of the openai backend must be a number "
+            f">= {minimum:g}"
+        )
+        raise ConfigError(msg)
     return number
 
 
@@ -238,14 +260,18 @@ def _optional_bool(spec: BackendSpec, key: str) -> bool | None:
         return True
     if text in ("false", "0", "no", "off"):
         return False
-    raise ConfigError(f"option {key} of the openai backend must be true or false, got {value!r}")
+    msg = f"option {key} of the openai backend must be true or false, got {value!r}"
+    raise ConfigError(msg)
 
 
 def _choice(spec: BackendSpec, key: str, choices: tuple[str, ...], default: str) -> str:
     value = str(spec.option(key, default))
     if value not in choices:
-        raise ConfigError(f"option {key}={value!r} of the openai backend must be one of "
-                          f"{', '.join(choices)}")
+        msg = (
+            f"option {key}={value!r} of the openai backend must be one of "
+            f"{', '.join(choices)}"
+        )
+        raise ConfigError(msg)
     return value
 
 
@@ -355,6 +381,34 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _first_token_logprobs(choice: Any, endpoint: str) -> list[tuple[str, float]]:
+    """The first answer token and its top alternatives with their log-probabilities, from a
+    reply choice's ``logprobs`` (chat: ``content[0]`` and its ``top_logprobs``; completions:
+    ``tokens``/``token_logprobs`` and ``top_logprobs[0]``); [] where there are none.
+
+    >>> _first_token_logprobs({"logprobs": {"content": [{"token": "Yes", "logprob": -0.1,
+    ...     "top_logprobs": [{"token": "No", "logprob": -2.5}]}]}}, "chat")
+    [('Yes', -0.1), ('No', -2.5)]
+    >>> _first_token_logprobs({"logprobs": {"tokens": ["No"], "token_logprobs": [-0.2],
+    ...     "top_logprobs": [{"Yes": -1.7}]}}, "completions")
+    [('No', -0.2), ('Yes', -1.7)]
+    >>> _first_token_logprobs({"logprobs": None}, "chat")
+    []
+    """
+    try:
+        logprobs = choice["logprobs"]
+        if endpoint == "chat":
+            first = logprobs["content"][0]
+            pairs = [(first["token"], first["logprob"])] + [
+                (t["token"], t["logprob"]) for t in first.get("top_logprobs") or ()]
+        else:
+            pairs = [(logprobs["tokens"][0], logprobs["token_logprobs"][0])] + list(
+                (logprobs.get("top_logprobs") or [{}])[0].items())
+        return [(str(t), float(lp)) for t, lp in pairs if lp is not None]
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        return []
+
+
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     first = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
@@ -457,7 +511,8 @@ class OpenAIBackend:
         with self._discover_lock:
             if self._info is None:
                 if self._closed:
-                    raise BackendError("the openai backend is closed; build a new one",
+                    msg = "the openai backend is closed; build a new one"
+                    raise BackendError(msg,
                                        backend=self.name)
                 info = self._run(self._pick_model())
                 self._mode = self._structured_mode(info)
@@ -487,15 +542,17 @@ class OpenAIBackend:
         if len(models) == 1:
             return models[0]
         if not models:
-            raise ConfigError(
+            msg = (
                 f"found no models at {self.config.shown_url}/models; check the base URL (it "
                 "usually ends in /v1), or name the model with --model / model=..."
             )
+            raise ConfigError(msg)
         names = ", ".join(str(m["id"]) for m in models)
-        raise ConfigError(
+        msg = (
             f"the server at {self.config.shown_url} serves {len(models)} models ({names}); "
             "name one with --model / model=..."
         )
+        raise ConfigError(msg)
 
     def _structured_mode(self, info: dict[str, Any]) -> str:
         if self.config.structured != "auto":
@@ -503,9 +560,10 @@ class OpenAIBackend:
         return "structured_outputs" if info.get("owned_by") in ("vllm", "llmsql") else "none"
 
     async def _engine_cache(self) -> dict[str, str]:
-        """vLLM's cache configuration from its ``/metrics`` gauge ``vllm:cache_config_info``
+        """VLLM's cache configuration from its ``/metrics`` gauge ``vllm:cache_config_info``
         (labels such as ``block_size`` and ``num_gpu_blocks``); {} where it cannot be read.
-        One attempt: the figures refine planning, nothing depends on them."""
+        One attempt: the figures refine planning, nothing depends on them.
+        """
         root = self.config.base_url.removesuffix("/v1")
         try:
             resp = await self._client.get(f"{root}/metrics")
@@ -535,7 +593,18 @@ class OpenAIBackend:
                 self.config.prefix_sharing if self.config.prefix_sharing is not None
                 else info.get("owned_by") == "vllm"),
             concurrent_requests=self.config.concurrency,
+            choice_probabilities=self._logprobs_supported(info, reported),
         )
+
+    def _logprobs_supported(self, info: dict[str, Any], reported: dict[str, Any]) -> bool:
+        """Whether the server returns log-probabilities (the ``choice_probs`` option, else
+        vLLM yes, ``llmsql serve`` as it says, others no).
+        """
+        if self.config.choice_probs is not None:
+            return self.config.choice_probs
+        owner = info.get("owned_by")
+        return owner == "vllm" or (owner == "llmsql"
+                                   and bool(reported.get("choice_probabilities", False)))
 
     # -- the protocol ------------------------------------------------------------------------
 
@@ -549,7 +618,8 @@ class OpenAIBackend:
                 exist (404), or the backend is closed.
         """
         if self._closed:
-            raise BackendError("the openai backend is closed; build a new one", backend=self.name)
+            msg = "the openai backend is closed; build a new one"
+            raise BackendError(msg, backend=self.name)
         self._discover()
         return self._run(self._generate_all(list(batch)))
 
@@ -563,7 +633,8 @@ class OpenAIBackend:
 
     def count_tokens(self, text: str, /) -> int:
         """Tokens of ``text`` with the chat template, from the server's ``/tokenize`` if it
-        has one, else estimated (3 bytes per token plus 16 for the template)."""
+        has one, else estimated (3 bytes per token plus 16 for the template).
+        """
         if not self._closed:
             self._discover()
         if self._tokenize and not self._closed:
@@ -586,7 +657,8 @@ class OpenAIBackend:
 
     def model_id(self) -> str:
         """``openai:<base url without credentials>:<model>`` (no server needed when the model
-        is named)."""
+        is named).
+        """
         return f"openai:{self.config.shown_url}:{self.model}"
 
     def close(self) -> None:
@@ -625,7 +697,15 @@ class OpenAIBackend:
         if req.json_schema and self._mode != "none":
             schema = {"name": "llmsql", "schema": json.loads(req.json_schema)}
             body["response_format"] = {"type": "json_schema", "json_schema": schema}
+        if self._scores(req) and self.config.endpoint == "chat":
+            body["logprobs"], body["top_logprobs"] = True, TOP_LOGPROBS
+        elif self._scores(req):
+            body["logprobs"] = TOP_LOGPROBS
         return body
+
+    def _scores(self, req: Request) -> bool:
+        """Whether ``req`` gets choice probabilities (asked for, and the server can)."""
+        return bool(req.choice_probs and req.choices and self._caps.choice_probabilities)
 
     async def _answer(self, req: Request) -> Response:
         body = self._body(req)
@@ -638,7 +718,8 @@ class OpenAIBackend:
             await self._throttle(estimate)
             started = time.time()
             async with self._sem:
-                outcome = await self._attempt(path, body, f"{rid}-{attempt}")
+                outcome = await self._attempt(path, body, f"{rid}-{attempt}",
+                                              req.choices if self._scores(req) else None)
             self._record(rid, attempt, digest, outcome, started)
             if outcome.response is not None:
                 self._correct_tpm(estimate, outcome.response)
@@ -658,9 +739,12 @@ class OpenAIBackend:
         self._give_ups += 1
         message = f"gave up after {self.config.max_retries + 1} attempts; last: {last}"
         if self._give_ups >= max(GIVE_UPS_TO_STOP, 2 * self.config.concurrency):
-            raise BackendError(
+            msg = (
                 f"{self._give_ups} requests in a row to {self.config.shown_url} failed for good "
-                f"({message}); check that the server is up, or raise max_retries/timeout",
+                f"({message}); check that the server is up, or raise max_retries/timeout"
+            )
+            raise BackendError(
+                msg,
                 backend=self.name,
             )
         return Response("", error=message)
@@ -684,7 +768,11 @@ class OpenAIBackend:
             delay = max(delay, min(retry_after, cfg.max_retry_after))
         return delay
 
-    async def _attempt(self, path: str, body: dict[str, Any], attempt_id: str) -> _Outcome:
+    async def _attempt(self, path: str, body: dict[str, Any], attempt_id: str,
+                       choices: tuple[str, ...] | None = None) -> _Outcome:
+        """One HTTP attempt; with ``choices``, the reply's log-probabilities give their
+        probabilities.
+        """
         httpx = self._httpx
         try:
             resp = await self._client.post(path, json=body, headers={"X-Request-Id": attempt_id})
@@ -695,13 +783,14 @@ class OpenAIBackend:
         except httpx.TransportError as exc:
             return _Outcome("connection", retry=True, error=f"connection failed: "
                             f"{type(exc).__name__}")
-        return self._classify(resp, content)
+        return self._classify(resp, content, choices)
 
-    def _classify(self, resp: httpx.Response, content: bytes) -> _Outcome:
+    def _classify(self, resp: httpx.Response, content: bytes,
+                  choices: tuple[str, ...] | None = None) -> _Outcome:
         status = resp.status_code
         where = f"{self.config.shown_url}"
         if status == 200:
-            return self._parse_ok(content)
+            return self._parse_ok(content, choices)
         message = _server_message(resp)
         if status in RETRY_STATUS or status >= 500:
             return _Outcome(f"http {status}", status, retry=True,
@@ -720,7 +809,7 @@ class OpenAIBackend:
         return (f"HTTP 404 from {url} ({message}); check the base URL (it usually ends in /v1) "
                 f"and the model name {self.model!r}")
 
-    def _parse_ok(self, content: bytes) -> _Outcome:
+    def _parse_ok(self, content: bytes, choices: tuple[str, ...] | None = None) -> _Outcome:
         try:
             data = json.loads(content)
             choice = data["choices"][0]
@@ -728,7 +817,8 @@ class OpenAIBackend:
                 else choice["text"]
             usage = data.get("usage") or {}
             if not isinstance(text, str) or not isinstance(usage, dict):
-                raise TypeError("no text")
+                msg = "no text"
+                raise TypeError(msg)
             prompt_tokens = int(usage.get("prompt_tokens") or 0)
             output_tokens = int(usage.get("completion_tokens") or 0)
             details = usage.get("prompt_tokens_details")
@@ -737,14 +827,17 @@ class OpenAIBackend:
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             return _Outcome("malformed", 200, retry=True,
                             error=f"malformed reply ({type(exc).__name__})")
+        probs = None if choices is None else from_top_logprobs(
+            _first_token_logprobs(choice, self.config.endpoint), choices)
         return _Outcome("ok", 200, Response(text, prompt_tokens=prompt_tokens,
                                             cached_tokens=cached, output_tokens=output_tokens,
-                                            cached_reported=reported))
+                                            cached_reported=reported, choice_probs=probs))
 
     async def _call_json(self, method: str, path: str, body: dict[str, Any] | None, *,
                          purpose: str, hint: str = "") -> Any:
         """A non-generation call (models, tokenize), retried like generation; ``hint`` ends
-        the message when the server cannot be reached."""
+        the message when the server cannot be reached.
+        """
         last = ""
         for attempt in range(self.config.max_retries + 1):
             try:
@@ -767,9 +860,12 @@ class OpenAIBackend:
                     last = f"HTTP {resp.status_code}"
             if attempt < self.config.max_retries:
                 await asyncio.sleep(self._delay(attempt, None))
-        raise BackendError(
+        msg = (
             f"cannot reach the OpenAI-compatible server at {self.config.shown_url} "
-            f"({purpose}: {last}); check --base-url and that the server is running{hint}",
+            f"({purpose}: {last}); check --base-url and that the server is running{hint}"
+        )
+        raise BackendError(
+            msg,
             backend=self.name,
         )
 

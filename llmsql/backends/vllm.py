@@ -30,6 +30,10 @@ Spec options (``BackendSpec.make("vllm", model, **options)``):
   after its prefill step instead of after 2-3 grammar-constrained steps; choices that share
   a first token fall back to structured outputs. Greedy answers equal structured decoding's
   whenever the model's best first token is the choice's own first token.
+  A request with ``choice_probs`` (LLM_SCORE) also asks vLLM for the log-probabilities of
+  the choices' first tokens at the first step (``logprob_token_ids``; older vLLM: the top 20,
+  where a missing token counts as probability 0) and gets them renormalized over the
+  choices; choices that share a first token get no probabilities (None).
 - ``deterministic`` (False): vLLM's batch-invariant mode (``VLLM_BATCH_INVARIANT=1``): a
   prompt's answer no longer depends on its batch neighbours, at a measured cost in speed
   (``bench/results/deterministic.md``). vLLM implements it for NVIDIA GPUs only: asking for
@@ -45,6 +49,10 @@ Spec options (``BackendSpec.make("vllm", model, **options)``):
   binds OpenMP to the first allowed cores (``VLLM_CPU_OMP_THREADS_BIND``).
 - Worker: ``startup_timeout`` (600 s), ``idle_timeout`` (600 s), ``socket_path``.
 """
+
+# Why this module is over 500 lines: it is the whole vLLM seam (option checks, the engine's
+# environment and arguments, the one-step choice path with its log-probabilities), each part
+# small and used only here; the worker machinery it runs in lives in llmsql/backends/worker/.
 
 from __future__ import annotations
 
@@ -145,8 +153,9 @@ class VLLMBackend(WorkerClient):
         return bool(self.admin("reset_prefix_cache"))
 
     def metrics(self) -> dict[str, float]:
-        """vLLM's cumulative counters (needs the ``log_stats`` option; see
-        :meth:`VLLMEngine.metrics`)."""
+        """VLLM's cumulative counters (needs the ``log_stats`` option; see
+        :meth:`VLLMEngine.metrics`).
+        """
         return dict(self.admin("metrics"))  # type: ignore[call-overload]
 
 
@@ -188,6 +197,7 @@ class VLLMEngine:
         self._ignore_eos = bool(spec.option("ignore_eos", False))
         self._first_token = spec.option("choice_decoding", "first_token") == "first_token"
         self._choice_ids: dict[tuple[str, ...], tuple[int, ...] | None] = {}
+        self._token_logprobs = _has_token_logprobs()
         self.capabilities = Capabilities(
             prefix_caching=bool(spec.option("enable_prefix_caching", True)),
             constrained_choice=True,
@@ -200,6 +210,7 @@ class VLLMEngine:
             scheduler_batching=True,
             block_size=config.cache_config.block_size,
             cache_tokens=_cache_tokens(config),
+            choice_probabilities=True,  # from the first token's logprobs (distinct first tokens)
         )
 
     def generate(self, batch: Sequence[Request], /) -> list[Response]:
@@ -244,7 +255,8 @@ class VLLMEngine:
 
     def _bench_eos(self, req: Request) -> Request:
         """With the ``ignore_eos`` option, free-text requests run to ``max_tokens`` (for
-        benchmarks with random weights, which never stop on their own)."""
+        benchmarks with random weights, which never stop on their own).
+        """
         if self._ignore_eos and req.choices is None and req.json_schema is None:
             return dataclasses.replace(req, ignore_eos=True)
         return req
@@ -290,11 +302,14 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         firsts = [self._first_tokens(r) for r in reqs]
+        scored = [self._scored_tokens(r) for r in reqs]
+        params = [
+            _sampling_params(self._bench_eos(r), first,
+                             _logprob_options(ids, by_id=self._token_logprobs))
+            for r, first, ids in zip(reqs, firsts, scored, strict=True)
+        ]
         outs = self._llm.generate(
-            [TokensPrompt(prompt_token_ids=ids) for ids in prompts],
-            [_sampling_params(self._bench_eos(r), first) for r, first in zip(reqs, firsts,
-                                                                             strict=True)],
-            use_tqdm=False,
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False
         )
         return [
             Response(
@@ -302,28 +317,43 @@ class VLLMEngine:
                 prompt_tokens=len(o.prompt_token_ids or ()),
                 cached_tokens=o.num_cached_tokens or 0,
                 output_tokens=len(o.outputs[0].token_ids),
+                choice_probs=_choice_probs(o.outputs[0], ids),
             )
-            for o, r, first in zip(outs, reqs, firsts, strict=True)
+            for o, r, first, ids in zip(outs, reqs, firsts, scored, strict=True)
         ]
 
     def _first_tokens(self, req: Request) -> tuple[int, ...] | None:
         """The choices' first token ids when they tell the choices apart (else None:
-        structured decoding)."""
+        structured decoding).
+        """
         if req.choices is None or not self._first_token:
             return None
-        if req.choices not in self._choice_ids:
+        return self._distinct_firsts(req.choices)
+
+    def _scored_tokens(self, req: Request) -> tuple[int, ...] | None:
+        """The first tokens whose logprobs give a ``choice_probs`` request its answer (None:
+        not asked, or the choices share a first token).
+        """
+        if req.choices is None or not req.choice_probs:
+            return None
+        return self._distinct_firsts(req.choices)
+
+    def _distinct_firsts(self, choices: tuple[str, ...]) -> tuple[int, ...] | None:
+        """The choices' first token ids when they all differ, else None (cached)."""
+        if choices not in self._choice_ids:
             firsts = []
-            for choice in req.choices:
+            for choice in choices:
                 ids = self._tokenizer.encode(choice, add_special_tokens=False)
                 firsts.append(ids[0] if ids else -1)
             unique = -1 not in firsts and len(set(firsts)) == len(firsts)
-            self._choice_ids[req.choices] = tuple(firsts) if unique else None
-        return self._choice_ids[req.choices]
+            self._choice_ids[choices] = tuple(firsts) if unique else None
+        return self._choice_ids[choices]
 
     def metrics(self) -> dict[str, float]:
-        """vLLM's cumulative counters and histogram sums/counts by name (``vllm:`` dropped),
+        """VLLM's cumulative counters and histogram sums/counts by name (``vllm:`` dropped),
         e.g. ``iteration_tokens_total_count`` (engine steps) and ``_sum`` (tokens they ran);
-        empty unless the engine was built with the ``log_stats`` option."""
+        empty unless the engine was built with the ``log_stats`` option.
+        """
         out: dict[str, float] = {}
         if not self._spec.option("log_stats"):
             return out  # vLLM keeps no metrics then
@@ -363,13 +393,56 @@ def _choice_text(output: Any, req: Request, first: tuple[int, ...] | None) -> st
     return req.choices[first.index(ids[0])] if ids and ids[0] in first else str(output.text)
 
 
-def _sampling_params(req: Request, first: tuple[int, ...] | None = None) -> SamplingParams:
+TOP_LOGPROBS = 20
+"""Log-probabilities asked for where vLLM cannot name the tokens (its default maximum)."""
+
+
+def _has_token_logprobs() -> bool:
+    """Whether this vLLM's ``SamplingParams`` takes ``logprob_token_ids`` (the log-probs of
+    named tokens, whatever their rank).
+    """
+    from vllm import SamplingParams
+
+    return "logprob_token_ids" in getattr(SamplingParams, "__struct_fields__", ())
+
+
+def _logprob_options(ids: tuple[int, ...] | None, *, by_id: bool) -> dict[str, Any]:
+    """The ``SamplingParams`` options asking for the log-probabilities of tokens ``ids``.
+
+    >>> _logprob_options((5, 9), by_id=True), _logprob_options((5, 9), by_id=False)
+    ({'logprob_token_ids': [5, 9]}, {'logprobs': 20})
+    >>> _logprob_options(None, by_id=True)
+    {}
+    """
+    if ids is None:
+        return {}
+    return {"logprob_token_ids": list(ids)} if by_id else {"logprobs": TOP_LOGPROBS}
+
+
+def _choice_probs(output: Any, ids: tuple[int, ...] | None) -> tuple[float, ...] | None:
+    """The choices' probabilities from the first step's log-probabilities of their first
+    tokens, renormalized over the choices (a token vLLM did not return counts as 0).
+    """
+    from llmsql.backends.choice_probs import renormalize
+
+    if ids is None or not output.logprobs:
+        return None
+    step = output.logprobs[0]
+    return renormalize([step[t].logprob if t in step else float("-inf") for t in ids])
+
+
+def _sampling_params(req: Request, first: tuple[int, ...] | None = None,
+                     logprobs: dict[str, Any] | None = None) -> SamplingParams:
+    """VLLM's sampling parameters for ``req`` (``first``: decide among those first tokens in
+    one step; ``logprobs``: :func:`_logprob_options`).
+    """
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
+    extra = logprobs or {}
     if first is not None:  # one step among the choices' first tokens decides the choice
         return SamplingParams(temperature=req.temperature, seed=req.seed, max_tokens=1,
-                              allowed_token_ids=list(first))
+                              allowed_token_ids=list(first), **extra)
     structured = None
     if req.choices is not None:
         structured = StructuredOutputsParams(choice=list(req.choices))
@@ -381,6 +454,7 @@ def _sampling_params(req: Request, first: tuple[int, ...] | None = None) -> Samp
         max_tokens=req.max_tokens,
         ignore_eos=req.ignore_eos,
         structured_outputs=structured,
+        **extra,
     )
 
 

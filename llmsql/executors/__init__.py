@@ -25,7 +25,8 @@ def make_executor(engine: str, /, **options: Any) -> Executor:
     """
     target = EXECUTORS.get(engine)
     if target is None:
-        raise ConfigError(f"unknown engine {engine!r}; choose one of: {', '.join(EXECUTORS)}")
+        msg = f"unknown engine {engine!r}; choose one of: {', '.join(EXECUTORS)}"
+        raise ConfigError(msg)
     module_name, cls_name = target.split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
     executor: Executor = cls.create(**options)

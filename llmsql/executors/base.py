@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import pyarrow as pa
+if TYPE_CHECKING:
+    import pyarrow as pa
 
-from llmsql.step import StepEnv
-
-from llmsql.stats import CallStats
-from llmsql.plan import LLMCall, QueryPlan
+    from llmsql.plan import LLMCall, QueryPlan
+    from llmsql.stats import CallStats
+    from llmsql.step import StepEnv
 
 
 class DeferredTable(Protocol):
@@ -43,7 +43,8 @@ class Executor(Protocol):
 
     def run_call(self, call: LLMCall, env: StepEnv, /) -> CallStats:
         """Compute ``call``'s inputs, answer them, and make the answers readable as
-        ``call.lookup`` for later calls and the final query."""
+        ``call.lookup`` for later calls and the final query.
+        """
         ...
 
     def final(self, plan: QueryPlan, /) -> pa.Table | DeferredTable | None:

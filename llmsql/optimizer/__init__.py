@@ -1,11 +1,23 @@
-"""The optimizer: an ordered tuple of pure rules over a :class:`PromptBatch`.
+"""The optimizer: ordered tuples of pure passes, at two levels.
 
-``optimize()`` is the only place that loops over rules; it records a trace entry per rule
-and wraps unexpected failures in :class:`OptimizerError`.
+1. **Plan level**, once per statement before any of it runs: :data:`PLAN_PASSES`, each a
+   function ``(QueryPlan, PlanContext) -> QueryPlan``, run by :func:`optimize_plan`. A plan
+   pass may ask the running system for figures only through the context's sampler
+   callback (:class:`PlanContext`).
+2. **Prompt level**, once per LLM call while it runs, over its bound inputs: :data:`RULES`,
+   each a function ``(PromptBatch, RuleContext) -> PromptBatch``, run by :func:`optimize`.
+
+Plan passes come first because they decide which rows each call sees (a filter chained
+after a selective one gets fewer rows); the prompt rules then order and batch exactly the
+prompts that call sends. ``optimize_plan()`` and ``optimize()`` are the only places that
+loop over passes and rules; each records a trace entry per pass or rule and wraps
+unexpected failures in :class:`OptimizerError` (what a plan pass's callback raises
+propagates as it is: it is the system's error, not the pass's).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,9 +26,20 @@ from llmsql.errors import LLMSQLError, OptimizerError
 from llmsql.optimizer.batch_by_length import batch_by_length
 from llmsql.optimizer.context import RuleContext
 from llmsql.optimizer.dedup_prompts import dedup_prompts
+from llmsql.optimizer.order_llm_predicates import order_llm_predicates
+from llmsql.optimizer.plan_context import PlanContext, PredicateSample, Sampler
 from llmsql.optimizer.reorder_prompts import reorder_prompts
 from llmsql.optimizer.warm_prefixes import warm_prefixes
-from llmsql.plan import PromptBatch
+from llmsql.plan import LLMCall, PromptBatch, QueryPlan
+
+PlanPass = Callable[[QueryPlan, PlanContext], QueryPlan]
+
+PLAN_PASSES: tuple[PlanPass, ...] = (
+    # First (and so far only): it decides the order of a scope's LLM filters, hence how many
+    # rows each one (and every call after it) is sent. It plans the statement again from
+    # the tree in the chosen order, so a pass that rewrites the plan's calls comes after it.
+    order_llm_predicates,
+)
 
 Rule = Callable[[PromptBatch, RuleContext], PromptBatch]
 
@@ -35,7 +58,7 @@ RULES: tuple[Rule, ...] = (
 
 @dataclass(frozen=True, slots=True)
 class TraceEntry:
-    """One rule's run: its name and how long it took."""
+    """One rule's or plan pass's run: its name and how long it took."""
 
     rule: str
     seconds: float
@@ -53,9 +76,58 @@ def optimize(
         except LLMSQLError:
             raise
         except Exception as exc:
-            raise OptimizerError(f"{type(exc).__name__}: {exc}", rule=rule.__name__) from exc
+            msg = f"{type(exc).__name__}: {exc}"
+            raise OptimizerError(msg, rule=rule.__name__) from exc
         trace.append(TraceEntry(rule.__name__, time.perf_counter() - start))
     return batch, tuple(trace)
 
 
-__all__ = ["RULES", "Rule", "RuleContext", "TraceEntry", "optimize"]
+def optimize_plan(
+    plan: QueryPlan, ctx: PlanContext, /, *, passes: tuple[PlanPass, ...] = PLAN_PASSES
+) -> tuple[QueryPlan, tuple[TraceEntry, ...]]:
+    """Run the plan ``passes`` in order; return the rewritten plan and the trace.
+
+    Raises:
+        OptimizerError: a pass failed unexpectedly (an :class:`LLMSQLError`, or anything
+            the context's sampler raised, propagates unchanged).
+    """
+    escaped: list[BaseException] = []
+
+    def sample(call: LLMCall) -> PredicateSample:
+        try:
+            return ctx.sample(call)
+        except BaseException as exc:
+            escaped.append(exc)
+            raise
+
+    guarded = dataclasses.replace(ctx, sample=sample)
+    trace: list[TraceEntry] = []
+    for plan_pass in passes:
+        start = time.perf_counter()
+        try:
+            plan = plan_pass(plan, guarded)
+        except LLMSQLError:
+            raise
+        except Exception as exc:
+            if any(exc is e for e in escaped):
+                raise
+            msg = f"{type(exc).__name__}: {exc}"
+            raise OptimizerError(msg,
+                                 rule=plan_pass.__name__) from exc
+        trace.append(TraceEntry(plan_pass.__name__, time.perf_counter() - start))
+    return plan, tuple(trace)
+
+
+__all__ = [
+    "PLAN_PASSES",
+    "RULES",
+    "PlanContext",
+    "PlanPass",
+    "PredicateSample",
+    "Rule",
+    "RuleContext",
+    "Sampler",
+    "TraceEntry",
+    "optimize",
+    "optimize_plan",
+]

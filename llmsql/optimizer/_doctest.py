@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from sqlglot import exp
 
 from llmsql.plan import Field, LLMCall, PromptBatch
-from llmsql.udfs.base import CallKind, CallOptions
+from llmsql.udfs import CallKind
+from llmsql.udfs.base import CallOptions
 from llmsql.udfs.prompts import PromptTemplate
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 def batch_of(columns: Sequence[Sequence[str]], instruction: str = "Q") -> PromptBatch:

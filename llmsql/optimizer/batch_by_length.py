@@ -9,6 +9,7 @@ subdivided.
 Invariant: the send order is unchanged; only batch boundaries are set.
 
 >>> from llmsql.optimizer._doctest import batch_of
+>>> from llmsql.optimizer.context import RuleContext
 >>> batch_by_length(batch_of([list("abcde")]), RuleContext(batch_size=2)).batches
 (0, 2, 4)
 >>> _cut(0, 3, 1, {0})  # one prompt per batch; a group starting at the batch start
@@ -18,10 +19,13 @@ Invariant: the send order is unchanged; only batch boundaries are set.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-from llmsql.optimizer.context import RuleContext
 from llmsql.optimizer.prefix_groups import group_starts
-from llmsql.plan import PromptBatch
+
+if TYPE_CHECKING:
+    from llmsql.optimizer.context import RuleContext
+    from llmsql.plan import PromptBatch
 
 
 def batch_by_length(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
@@ -42,7 +46,8 @@ def batch_by_length(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
 
 def _cut(lo: int, hi: int, size: int, starts: set[int]) -> list[int]:
     """Batch starts within [lo, hi): full batches, ended early at a group start when the
-    batch is at least half full."""
+    batch is at least half full.
+    """
     bounds: list[int] = []
     pos = lo
     while pos < hi:

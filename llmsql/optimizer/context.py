@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from llmsql.backends.base import Capabilities
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
 
 
 def values_key(values: Sequence[str], /) -> int:

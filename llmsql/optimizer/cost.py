@@ -15,8 +15,11 @@ tokenizer is needed; the hit share is then applied to the real (or estimated) to
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +109,8 @@ def call_cost(
     model: CostModel,
 ) -> CallCost:
     """Figures for one call from its prompts in send order and in table order, each with
-    its tokens."""
+    its tokens.
+    """
     cached = expected_cached_tokens(sent, sent_tokens, model)
     cached_table = expected_cached_tokens(table_order, table_tokens, model)
     prompt_tokens = sum(sent_tokens)

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from typing import TYPE_CHECKING
 
-from llmsql.optimizer.context import RuleContext
-from llmsql.plan import PromptBatch
 from llmsql.udfs.base import Volatility
+
+if TYPE_CHECKING:
+    from llmsql.optimizer.context import RuleContext
+    from llmsql.plan import PromptBatch
 
 
 def dedup_prompts(batch: PromptBatch, ctx: RuleContext | None, /) -> PromptBatch:

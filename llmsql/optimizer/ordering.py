@@ -222,7 +222,8 @@ def _encode(columns: Sequence[Column], names: Sequence[str], instruction: str,
 def _dedupe(enc: _Encoded) -> tuple[_Encoded, IntArray]:
     """Collapse identical rows into one with a multiplicity; also return each table row's
     row in the result. Identical rows render identical prompts, which the tree keeps together
-    anyway, so the work is done once per distinct row."""
+    anyway, so the work is done once per distinct row.
+    """
     key = np.zeros(enc.items.shape[0], dtype=np.int64)
     for j in range(enc.items.shape[1]):
         key = _factorize(key * enc.n_items + enc.items[:, j])[0]
@@ -245,7 +246,8 @@ def _factorize(keys: IntArray) -> tuple[IntArray, int]:
 
 def _count(keys: IntArray, mult: IntArray) -> tuple[IntArray, IntArray]:
     """A code of each key (small non-negative ints) and how many table rows hold its key
-    (``mult``: the rows each entry stands for)."""
+    (``mult``: the rows each entry stands for).
+    """
     if keys.size and keys.min() >= 0 and keys.max() < 4 * keys.size:  # small keys: no hashing
         codes = keys
     else:
@@ -380,7 +382,8 @@ def _choose(lv: _Level, root: IntArray | None = None) -> tuple[IntArray, BoolArr
 def _groups(codes: list[IntArray], best: IntArray, go: BoolArray,
             mult: IntArray) -> tuple[IntArray, IntArray, IntArray]:
     """Anchor groups: per row its group id (-1 if none), the size (table rows) of every group
-    id, and where each column's ids start (``codes[j]``: dense ``(node, item)`` codes)."""
+    id, and where each column's ids start (``codes[j]``: dense ``(node, item)`` codes).
+    """
     base = np.cumsum([0] + [int(c.max()) + 2 for c in codes])  # room for code -1
     group = np.full(go.size, -1, dtype=np.int64)
     for j, code in enumerate(codes):
@@ -451,7 +454,8 @@ def _hoist(lv: _Level, codes: list[IntArray], counts: list[IntArray], best: IntA
 
 def _constant(items: IntArray, live: BoolArray, order: IntArray, starts: IntArray) -> BoolArray:
     """Per row of ``order`` (rows sorted by group, groups beginning at ``starts``): whether
-    ``items`` is live and the same for the whole group."""
+    ``items`` is live and the same for the whole group.
+    """
     out = np.zeros(items.size, dtype=bool)
     if order.size == 0:
         return out
@@ -566,7 +570,8 @@ def _reuse_adjacent(enc: _Encoded, seq: IntArray, block: int) -> int:
     """Characters a block cache reuses if each prompt's longest cached prefix is the one it
     shares with the previous prompt (true of depth-first orders, whose groups are contiguous,
     in any LRU cache that holds two prompts). ``seq``: item ids of distinct rows in send
-    order; the copies of a row follow it and reuse all its whole blocks."""
+    order; the copies of a row follow it and reuse all its whole blocks.
+    """
     n, m = seq.shape
     lengths = _lengths(enc, seq)
     depth = np.cumprod(seq[1:] == seq[:-1], axis=1).sum(axis=1)
@@ -612,7 +617,8 @@ def _reuse_lru(enc: _Encoded, seq: IntArray, block: int, capacity: int) -> int:
 
 def _chain(lengths: IntArray, ok: BoolArray) -> tuple[IntArray, IntArray]:
     """The longest cached prefix (a prefix counts only if every shorter one does): its length
-    in characters (0 if none) and its depth in items (-1 if none)."""
+    in characters (0 if none) and its depth in items (-1 if none).
+    """
     depth = np.cumprod(ok, axis=1).sum(axis=1) - 1
     reused = np.where(depth >= 0, lengths[np.arange(depth.size), np.maximum(depth, 0)], 0)
     return reused, depth
@@ -620,7 +626,8 @@ def _chain(lengths: IntArray, ok: BoolArray) -> tuple[IntArray, IntArray]:
 
 def _score(enc: _Encoded, seq: IntArray, block: int, capacity: int | None) -> int:
     """Estimated reused characters of a depth-first candidate (``seq``: item ids in send
-    order); a cache too small to hold two prompts needs the LRU estimate."""
+    order); a cache too small to hold two prompts needs the LRU estimate.
+    """
     if capacity is not None:
         longest = int(enc.head + enc.weight[seq].sum(axis=1).max()) // block + 1
         if capacity < 2 * longest:

@@ -2,14 +2,18 @@
 
 Shared helpers of ``warm_prefixes`` and ``batch_by_length`` (not a rule).
 
->>> prompts = ["Q\\nk: " + "a" * 80 + "\\nv: 1", "Q\\nk: " + "a" * 80 + "\\nv: 2", "Q\\nk: b\\nv: 3"]
+>>> shared = "Q\\nk: " + "a" * 80
+>>> prompts = [shared + "\\nv: 1", shared + "\\nv: 2", "Q\\nk: b\\nv: 3"]
 >>> group_starts(prompts, min_shared=64)
 [0, 2]
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 def lcp(a: str, b: str) -> int:
@@ -34,7 +38,8 @@ def common_head(prompts: Sequence[str]) -> int:
 
 def group_starts(prompts: Sequence[str], *, min_shared: int) -> list[int]:
     """Positions where a new group starts: a prompt sharing fewer than ``min_shared``
-    characters beyond the common head with the prompt before it."""
+    characters beyond the common head with the prompt before it.
+    """
     if not prompts:
         return []
     need = common_head(prompts) + min_shared

@@ -14,6 +14,7 @@ so its prompt is the one it gets on DuckDB, and only the rows are ordered (by pr
 keeps each shared prefix's prompts together).
 
 >>> from llmsql.optimizer._doctest import batch_of
+>>> from llmsql.optimizer.context import RuleContext
 >>> from llmsql.optimizer.context import PinnedFieldOrders
 >>> part = batch_of([["x", "y"], ["1", "1"]])
 >>> pins = PinnedFieldOrders.of("doc", [(("x", "1"), (1, 0)), (("y", "1"), (0, 1))])
@@ -26,14 +27,17 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from typing import TYPE_CHECKING
 
-from llmsql.optimizer.context import RuleContext
-from llmsql.plan import PromptBatch
+if TYPE_CHECKING:
+    from llmsql.optimizer.context import RuleContext
+    from llmsql.plan import PromptBatch
 
 
 def reorder_prompts(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
     """Order representatives with :func:`llmsql.optimizer.ordering.solve`, or keep the
-    field orders pinned in ``ctx`` and order the rows only."""
+    field orders pinned in ``ctx`` and order the rows only.
+    """
     from llmsql.optimizer.ordering import solve
 
     reps = batch.send_order()
@@ -42,7 +46,7 @@ def reorder_prompts(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
     # the solver sees the rows in one canonical order (by their values), so the field order
     # it gives a row, and so the row's prompt and answer, depend on the set of distinct rows
     # only: never on the table's row order, the engine or the batch sizes
-    rows = list(zip(*batch.values)) if batch.values else [()] * batch.n_rows
+    rows = list(zip(*batch.values, strict=False)) if batch.values else [()] * batch.n_rows
     reps = tuple(sorted(reps, key=rows.__getitem__))
     template = batch.call.template
     pinned, missing = _pinned_orders(batch, ctx, reps)
@@ -87,7 +91,8 @@ def reorder_prompts(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
 def _pinned_orders(batch: PromptBatch, ctx: RuleContext, reps: tuple[int, ...],
                    ) -> tuple[list[tuple[int, ...]] | None, tuple[str, ...]]:
     """Each representative's pinned field order, or None (and why, when some rows of a
-    pinned call are not pinned: then the orders are chosen over this batch's rows)."""
+    pinned call are not pinned: then the orders are chosen over this batch's rows).
+    """
     pins = ctx.pinned
     if pins is None or pins.call_id != batch.call.id:
         return None, ()

@@ -38,12 +38,15 @@ warm-ups are set. Applies only to backends that cache prefixes across requests
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-from llmsql.backends.base import Capabilities
-from llmsql.optimizer.context import RuleContext
 from llmsql.optimizer.prefix_groups import group_starts, lcp
-from llmsql.plan import PromptBatch
 from llmsql.udfs import REGISTRY
+
+if TYPE_CHECKING:
+    from llmsql.backends.base import Capabilities
+    from llmsql.optimizer.context import RuleContext
+    from llmsql.plan import PromptBatch
 
 CHARS_PER_TOKEN = 4
 LONG_ANSWER_TOKENS = 8
@@ -62,6 +65,7 @@ def warm_saving(shared_chars: int, members: int, caps: Capabilities) -> int:
     computes the whole prefix once, plus a request, and every member finds those blocks
     cached. An engine that shares a batch's prefix itself computes it once either way.
 
+    >>> from llmsql.backends.base import Capabilities
     >>> caps = Capabilities(prefix_caching=True, block_size=16, concurrent_requests=8)
     >>> warm_saving(400, 4, caps)  # 100 tokens, 96 in whole blocks: 4 x 96 - 100 - 16
     268
@@ -77,7 +81,7 @@ def warm_saving(shared_chars: int, members: int, caps: Capabilities) -> int:
     return together * cached - tokens - REQUEST_TOKENS
 
 
-def warm_prefixes(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
+def warm_prefixes(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:  # noqa: C901 - one pass of early exits over the groups
     """Windows of whole groups, each with one warm-up per shared prefix."""
     caps = ctx.capabilities
     if not ctx.warm or not caps.prefix_caching:

@@ -11,6 +11,11 @@ context, progress, caches, budget) and return the lookup and the call's
 :class:`~llmsql.stats.CallStats`.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from llmsql.step.agg import run_agg
 from llmsql.step.llm_step import (
     KnownAnswers,
     StepEnv,
@@ -22,9 +27,26 @@ from llmsql.step.llm_step import (
     remember,
     render_column,
     result_type,
-    run_agg,
-    run_call,
+    run_scalar,
 )
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from llmsql.plan import LLMCall
+    from llmsql.stats import CallStats
+
+
+def run_call(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table, CallStats]:
+    """Answer ``call`` over ``inputs``: the lookup table (inputs + result) and its stats.
+
+    An aggregate function (its spec's ``aggregate``) answers one prompt per group
+    (:func:`run_agg`); any other, one per distinct input row (:func:`run_scalar`).
+    """
+    if call.kind.spec.aggregate:
+        return run_agg(call, inputs, env)
+    return run_scalar(call, inputs, env)
+
 
 __all__ = [
     "KnownAnswers",
@@ -39,4 +61,5 @@ __all__ = [
     "result_type",
     "run_agg",
     "run_call",
+    "run_scalar",
 ]

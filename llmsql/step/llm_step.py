@@ -1,9 +1,14 @@
 """The LLM step shared by every executor: input rows in, a lookup table of answers out.
 
-``run_call`` binds a call to its input rows (Arrow), lets the optimizer rewrite the batch,
+``run_scalar`` binds a call to its input rows (Arrow), lets the optimizer rewrite the batch,
 sends prompts to the backend in the chosen order, parses the answers and returns the lookup
 table (inputs + ``__llmsql_result``). The executor decides where inputs come from and where
 the lookup goes; nothing here knows about DuckDB or Spark.
+
+This module is over the 500-line guideline: binding, request building, the answer path
+(query memo, result cache, backend, parsing, error accounting) and the send loop with its
+warm-ups share StepEnv and a dozen small private helpers; LLM_AGG's step, which only calls
+them, is :mod:`llmsql.step.agg`.
 """
 
 from __future__ import annotations
@@ -12,16 +17,14 @@ import dataclasses
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from llmsql.arrays import from_values, int64s, ints
 from llmsql.backends.base import BackendSpec, LLMBackend, Request, Response
-from llmsql.budget import BudgetMeter
 from llmsql.cache import ResultCache, reproducible, request_key
 from llmsql.errors import (
     BackendError,
@@ -31,15 +34,16 @@ from llmsql.errors import (
     QueryInterrupted,
 )
 from llmsql.optimizer import RuleContext, optimize
-from llmsql.plan import ARG_PREFIX, GROUP_PREFIX, RESULT_COL, LLMCall, PromptBatch
-from llmsql.progress import Progress
+from llmsql.plan import ARG_PREFIX, RESULT_COL, LLMCall, PromptBatch
 from llmsql.stats import MAX_ERRORS_KEPT, CallError, CallStats
-from llmsql.udfs import REGISTRY
-from llmsql.udfs.base import CallKind, Parsed, Volatility
-from llmsql.udfs.llm_agg import PARTIAL_HEADER
-from llmsql.udfs.llm_extract import TYPES, json_schema
-from llmsql.udfs.llm_filter import CHOICES
+from llmsql.udfs.base import Parsed, Volatility, choice_probs_text
 from llmsql.udfs.prompts import render_value
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from llmsql.budget import BudgetMeter
+    from llmsql.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -97,45 +101,42 @@ def bind(call: LLMCall, table: pa.Table, /) -> PromptBatch:
 
 
 def _request(call: LLMCall, prompt: str, backend: LLMBackend) -> Request:
+    """The request for one rendered prompt: the call's options, and the constraints its
+    function's spec asks of this backend (its suffix appended to the prompt).
+    """
     opts = call.options
-    caps = backend.capabilities
-    spec = REGISTRY[call.kind]
-    choices: tuple[str, ...] | None = None
-    schema: str | None = None
-    if call.kind is CallKind.FILTER and caps.constrained_choice:
-        choices = CHOICES
-    elif call.kind is CallKind.CLASSIFY and caps.constrained_choice:
-        choices = opts.labels
-    elif call.kind is CallKind.EXTRACT and caps.json_schema and opts.schema:
-        schema = json_schema(opts.schema)
+    spec = call.kind.spec
+    c = spec.constraints(opts, backend.capabilities)
     return Request(
-        prompt=prompt,
+        prompt=prompt + c.suffix,
         max_tokens=opts.max_tokens or spec.default_max_tokens,
         temperature=opts.temperature,
         seed=opts.seed,
-        choices=choices,
-        json_schema=schema,
+        choices=c.choices,
+        json_schema=c.json_schema,
+        choice_probs=c.choice_probs,
     )
 
 
 def build_requests(call: LLMCall, prompts: Sequence[str], backend: LLMBackend) -> list[Request]:
     """One request per prompt, as :func:`_request` builds it (the options the call's
-    requests share are worked out once)."""
+    requests share are worked out once).
+    """
     r = _request(call, "", backend)
-    return [Request(p, r.max_tokens, r.temperature, r.seed, r.choices, r.json_schema)
-            for p in prompts]
+    suffix = r.prompt
+    return [Request(p + suffix, r.max_tokens, r.temperature, r.seed, r.choices, r.json_schema,
+                    r.ignore_eos, r.choice_probs) for p in prompts]
 
 
 def _memo_key(backend: LLMBackend, req: Request) -> tuple[Any, ...]:
-    return (backend.model_id(), req.max_tokens, req.temperature, req.seed, req.choices,
-            req.json_schema, req.prompt)
+    return _memo_keys(backend, [req])[0]
 
 
 def _memo_keys(backend: LLMBackend, reqs: Sequence[Request]) -> list[tuple[Any, ...]]:
-    """:func:`_memo_key` of every request (the model identity asked once)."""
+    """The query memo's key of every request (the model identity asked once)."""
     model = backend.model_id()
-    return [(model, r.max_tokens, r.temperature, r.seed, r.choices, r.json_schema, r.prompt)
-            for r in reqs]
+    return [(model, r.max_tokens, r.temperature, r.seed, r.choices, r.json_schema,
+             r.choice_probs, r.prompt) for r in reqs]
 
 
 def _fit(call: LLMCall, prompt: str, values: Sequence[str], backend: LLMBackend,
@@ -150,11 +151,15 @@ def _fit(call: LLMCall, prompt: str, values: Sequence[str], backend: LLMBackend,
     if tokens <= budget:
         return prompt
     if not call.options.truncate or not values:
-        preview = ", ".join(f"{f.name}={v[:40]!r}" for f, v in zip(call.fields, values, strict=False))
-        raise ContextLengthError(
+        preview = ", ".join(f"{f.name}={v[:40]!r}"
+                            for f, v in zip(call.fields, values, strict=False))
+        msg = (
             f"a prompt of {call.where} is {tokens} tokens, but the model's context leaves "
             f"{budget} ({backend.capabilities.max_model_len} minus max_tokens); row with "
-            f"{preview}; shorten the field, lower max_tokens, or pass truncate => true",
+            f"{preview}; shorten the field, lower max_tokens, or pass truncate => true"
+        )
+        raise ContextLengthError(
+            msg,
             step=call.id,
         )
     stats.truncated += 1
@@ -163,14 +168,18 @@ def _fit(call: LLMCall, prompt: str, values: Sequence[str], backend: LLMBackend,
 
 def _room(call: LLMCall, backend: LLMBackend) -> int:
     """Tokens the context leaves a prompt of ``call`` (the model's length minus the answer's)."""
-    return backend.capabilities.max_model_len - (
-        call.options.max_tokens or REGISTRY[call.kind].default_max_tokens
+    spec = call.kind.spec
+    suffix = spec.constraints(call.options, backend.capabilities).suffix
+    # characters bound tokens: the suffix the request appends never makes a prompt overflow
+    return backend.capabilities.max_model_len - len(suffix) - (
+        call.options.max_tokens or spec.default_max_tokens
     )
 
 
 def _answered(call: LLMCall, prompt: str, backend: LLMBackend, env: StepEnv) -> bool:
     """Whether ``prompt``, as it stands, has an answer in the query's memo or the result
-    cache."""
+    cache.
+    """
     req = _request(call, prompt, backend)
     return _memo_key(backend, req) in env.memo or bool(_cache_hits([req], backend, env.cache))
 
@@ -184,8 +193,9 @@ def _truncate(call: LLMCall, values: list[str], budget: int, backend: LLMBackend
             return prompt
         keep = int(len(values[longest]) * budget / tokens * 0.95) - 1
         values[longest] = values[longest][: max(0, keep)]
+    msg = f"{call.where}: truncating fields could not make the prompt fit the context"
     raise ContextLengthError(
-        f"{call.where}: truncating fields could not make the prompt fit the context",
+        msg,
         step=call.id,
     )
 
@@ -224,7 +234,8 @@ def answer_through_cache(reqs: Sequence[Request], backend: LLMBackend,
                          cache: ResultCache | None) -> tuple[list[Response], list[Response]]:
     """Answers to ``reqs`` asked outside a call (EXPLAIN's sample): from the result cache
     where it has them, the rest generated and written to it, so a later run reuses them.
-    Returns the answers in order, and those that were generated (paid)."""
+    Returns the answers in order, and those that were generated (paid).
+    """
     hits = _cache_hits(reqs, backend, cache)
     todo = [i for i in range(len(reqs)) if i not in hits]
     fresh = _generate(backend, [reqs[i] for i in todo]) if todo else []
@@ -236,11 +247,24 @@ def answer_through_cache(reqs: Sequence[Request], backend: LLMBackend,
 def _generate(backend: LLMBackend, reqs: list[Request]) -> list[Response]:
     answers = backend.generate(reqs)
     if len(answers) != len(reqs):
-        raise BackendError(
+        msg = (
             f"backend {backend.name!r} returned {len(answers)} answers for {len(reqs)} "
-            "prompts", backend=backend.name,
+            "prompts"
         )
-    return answers
+        raise BackendError(
+            msg, backend=backend.name,
+        )
+    return [_with_probs_text(q, a) for q, a in zip(reqs, answers, strict=True)]
+
+
+def _with_probs_text(req: Request, resp: Response) -> Response:
+    """An answer with choice probabilities, as it is kept and parsed: its text becomes
+    :func:`~llmsql.udfs.base.choice_probs_text`, so the query memo and the result cache
+    (which keeps texts) give a re-run the same value.
+    """
+    if not req.choice_probs or req.choices is None or resp.choice_probs is None:
+        return resp
+    return dataclasses.replace(resp, text=choice_probs_text(req.choices, resp.choice_probs))
 
 
 def _send(
@@ -252,7 +276,8 @@ def _send(
     backend, in parts that fit the budget; each part is committed to the cache at once.
 
     ``warmups`` (the next window's shared prefixes) ride along at the end of the last part
-    sent, so the engine computes them while this part decodes (sent alone if nothing is)."""
+    sent, so the engine computes them while this part decodes (sent alone if nothing is).
+    """
     out: list[Response | None] = [env.memo.get(k) for k in keys]
     stats.reused += sum(r is not None for r in out)
     for i, resp in hits.items():
@@ -286,7 +311,8 @@ def _send(
 
 def _memo_parse(parse: Callable[[str, Any], Parsed]) -> Callable[[str, Any], Parsed]:
     """``parse`` remembering short answers (a call's options are fixed): a filter's or a
-    classifier's thousands of answers are a few distinct texts."""
+    classifier's thousands of answers are a few distinct texts.
+    """
     seen: dict[str, Parsed] = {}
 
     def memo(text: str, options: Any) -> Parsed:
@@ -315,10 +341,13 @@ def _parse(call: LLMCall, resp: Response, prompt: str, env: StepEnv, stats: Call
         stats.failed += 1
         _reason(stats, call, "failed", resp.error, prompt)
         if env.on_error == "fail":
-            raise CallFailed(
+            msg = (
                 f"{call.where} failed for the prompt {prompt[:80]!r}: {resp.error}; the query "
                 f"stopped because llmsql.on_error = 'fail'. {_kept(env, stats)}; fix the "
-                "cause, or SET llmsql.on_error = 'null' to get NULL for rows that fail",
+                "cause, or SET llmsql.on_error = 'null' to get NULL for rows that fail"
+            )
+            raise CallFailed(
+                msg,
                 step=call.id,
             )
         return None
@@ -366,7 +395,7 @@ def _answer_prompts(
     """
     values: list[Any] = []
     edges = [*bounds, len(prompts)] if bounds else [0, len(prompts)]
-    parse = _memo_parse(REGISTRY[call.kind].parse)
+    parse = _memo_parse(call.kind.spec.parse)
     try:
         reqs = build_requests(call, prompts, backend)
         keys = _memo_keys(backend, reqs)
@@ -384,18 +413,22 @@ def _answer_prompts(
                                  sum(r.cached_tokens for r in resps)
                                  if all(r.cached_reported for r in resps) else None)
     except KeyboardInterrupt:
-        raise QueryInterrupted(
+        msg = (
             f"query interrupted during {call.where}: {len(values)} of {len(prompts)} prompts "
             f"were answered; {_kept(env, stats)}"
-        ) from None
+        )
+        raise QueryInterrupted(msg) from None
     except BudgetExceeded as exc:
         if env.budget is not None and env.budget.scope is not None:
             raise  # a share of the query's budget: the driver tells the whole story
         kept = f"; {_kept(env, stats)}" if stats.sent else ""
-        raise BudgetExceeded(
+        msg = (
             f"{exc}. The query stopped in {call.where} with {len(values)} of {len(prompts)} "
             f"prompts answered{kept}; raise the budget (SET llmsql.{exc.budget} = ...) and run "
-            "again to continue", budget=exc.budget, limit=exc.limit, used=exc.used,
+            "again to continue"
+        )
+        raise BudgetExceeded(
+            msg, budget=exc.budget, limit=exc.limit, used=exc.used,
         ) from None
     return values
 
@@ -404,14 +437,8 @@ def _answer_prompts(
 
 
 def result_type(call: LLMCall) -> pa.DataType:
-    """The Arrow type of the call's SQL result."""
-    if call.kind is CallKind.FILTER:
-        return pa.bool_()
-    if call.kind is CallKind.EXTRACT:
-        return pa.struct(
-            [(f.name, pa.type_for_alias(TYPES[f.type][2])) for f in call.options.schema or ()]
-        )
-    return pa.string()
+    """The Arrow type of the call's SQL result (its function's spec says)."""
+    return call.kind.spec.arrow_type(call.options)
 
 
 def _signature(call: LLMCall, backend: LLMBackend) -> tuple[Any, ...]:
@@ -424,7 +451,8 @@ def signature_tail(call: LLMCall) -> tuple[Any, ...]:
     identity; within one query, equal tails mean equal models, since options name it).
 
     Plain values only (the kind's name, the options as a tuple): the signature is hashed
-    with every row's values, and an enum's or a dataclass's hash runs Python code."""
+    with every row's values, and an enum's or a dataclass's hash runs Python code.
+    """
     return (call.kind.value, call.template.instruction, call.template.fields,
             dataclasses.astuple(call.options))
 
@@ -457,7 +485,8 @@ def _needed_warmups(call: LLMCall, todo: Sequence[int], prompts: Sequence[str],
     """The warm-ups (row -> prefix length) whose prefix is shared by a prompt that will be
     sent: one that neither the query's memo nor the result cache answers. Warming a prefix
     whose prompts are all answered would reach the backend for nothing (a cached re-run
-    must not need it)."""
+    must not need it).
+    """
     if not warm:
         return warm
     if env.cache is None and not env.memo:  # nothing answers a prompt: each one is sent
@@ -515,10 +544,8 @@ def _rebound(bounds: Sequence[int], order: Sequence[int], skipped: set[int]) -> 
     return sorted({kept_before[b] for b in bounds if kept_before[b] < kept_before[-1]})
 
 
-def run_call(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table, CallStats]:
+def run_scalar(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table, CallStats]:
     """Answer every input row of a scalar call; return the lookup table and stats."""
-    if call.kind is CallKind.AGG:
-        return run_agg(call, inputs, env)
     start = time.perf_counter()
     stats = CallStats(call.id, call.kind.value, call.where, rows_in=inputs.num_rows)
     backend = env.backend_for(call.options.model) if inputs.num_rows else None
@@ -530,7 +557,7 @@ def run_call(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table
         order = batch.send_order()
         stats.distinct_prompts = len(order)
         signature = _signature(call, backend)
-        row_values = list(zip(*batch.values)) if batch.values else [()] * batch.n_rows
+        row_values = list(zip(*batch.values, strict=False)) if batch.values else [()] * batch.n_rows
         keys = {i: (signature, row_values[i]) for i in order}
         known = env.known
         answers = {i: known[keys[i]] for i in order if keys[i] in known} if known else {}
@@ -608,85 +635,3 @@ def _lookup(inputs: pa.Table, results: list[Any], call: LLMCall) -> pa.Table:
     column = from_values([results[i] for i in keep] if results else [], result_type(call))
     table = inputs.select(arg_cols).take(int64s(keep))
     return table.append_column(RESULT_COL, column)
-
-
-# ---- LLM_AGG --------------------------------------------------------------------------------
-
-
-def _groups(call: LLMCall, inputs: pa.Table) -> tuple[list[int], list[list[str]]]:
-    """Group rows by their group keys: first row index per group, and its rendered row blocks
-    in sorted order."""
-    n_keys = len(call.group_keys)
-    keys = list(zip(*[inputs.column(f"{GROUP_PREFIX}{k}").to_pylist() for k in range(n_keys)],
-                    strict=True)) if n_keys else [()] * inputs.num_rows
-    cols = [render_column(inputs.column(f"{ARG_PREFIX}{j}")) for j in range(len(call.fields))]
-    first: dict[tuple[Any, ...], int] = {}
-    blocks: dict[tuple[Any, ...], list[str]] = {}
-    for i, key in enumerate(keys):
-        hkey = tuple(repr(k) for k in key)
-        first.setdefault(hkey, i)
-        row = "".join(f"{f.name}: {c[i]}\n" for f, c in zip(call.fields, cols, strict=True))
-        blocks.setdefault(hkey, []).append(row)
-    # sorted: a group's prompt (and so its answer) must not depend on the table's row order,
-    # its partitioning or the engine
-    return list(first.values()), [sorted(rows) for rows in blocks.values()]
-
-
-def _agg_prompts(instruction: str, rows: list[str], fits: Callable[[str], bool]) -> list[str]:
-    """Pack rows into as few prompts as fit (one row always goes in, truncated by _fit)."""
-    prompts: list[str] = []
-    current: list[str] = []
-    for row in rows:
-        candidate = instruction + "\n" + "\n".join([*current, row])
-        if current and not fits(candidate):
-            prompts.append(instruction + "\n" + "\n".join(current))
-            current = []
-        current.append(row)
-    if current:
-        prompts.append(instruction + "\n" + "\n".join(current))
-    return prompts
-
-
-def _reduce_prompt(instruction: str, partials: list[Any]) -> str:
-    body = "".join(f"- {p}\n" for p in partials if p)
-    return f"{instruction}\n{PARTIAL_HEADER}\n{body}"
-
-
-def run_agg(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table, CallStats]:
-    """Answer one prompt per group, map-reduce over chunks where a group exceeds the context."""
-    start = time.perf_counter()
-    stats = CallStats(call.id, call.kind.value, call.where, rows_in=inputs.num_rows)
-    firsts, groups = _groups(call, inputs)
-    results: list[Any] = []
-    if groups:
-        backend = env.backend_for(call.options.model)
-        budget = backend.capabilities.max_model_len - (call.options.max_tokens or 128)
-
-        def fits(p: str) -> bool:
-            return len(p.encode()) + TEMPLATE_OVERHEAD_TOKENS <= budget or \
-                backend.count_tokens(p) <= budget
-
-        chunked = [_agg_prompts(call.template.instruction, rows, fits) for rows in groups]
-        env.progress.start(sum(len(c) for c in chunked), call.where)
-        results = [_reduce_group(call, chunks, fits, backend, env, stats) for chunks in chunked]
-        stats.distinct_prompts = sum(len(c) for c in chunked)
-    stats.seconds = time.perf_counter() - start
-    gcols = [f"{GROUP_PREFIX}{k}" for k in range(len(call.group_keys))]
-    table = inputs.select(gcols).take(pa.array(firsts, type=pa.int64())) if gcols else \
-        pa.table({"__llmsql_one": pa.array([True] * len(firsts))})
-    return table.append_column(RESULT_COL, pa.array(results, type=pa.string())), stats
-
-
-def _reduce_group(call: LLMCall, prompts: list[str], fits: Callable[[str], bool],
-                  backend: LLMBackend, env: StepEnv, stats: CallStats) -> Any:
-    for _ in range(16):
-        fitted = [_fit(call, p, [], backend, stats, env) for p in prompts]
-        values = _answer_prompts(call, fitted, (), backend, env, stats)
-        if len(values) <= 1:
-            return values[0] if values else None
-        partial_rows = [f"- {v}\n" for v in values if v]
-        if not partial_rows:
-            return None
-        prompts = _agg_prompts(_reduce_prompt(call.template.instruction, []).rstrip("\n"),
-                               partial_rows, fits)
-    return None

@@ -1,41 +1,31 @@
-"""The LLM functions: name -> UDFSpec (output parser, default tokens, result type)."""
+"""The LLM functions: one module per function, each exporting its :class:`UDFSpec` as ``SPEC``.
+
+The registry is built from the modules of this package: a module that defines ``SPEC`` is a
+function. Adding one takes its module here plus one line in :mod:`llmsql.dialect` (the SQL
+node); planner, step, EXPLAIN and engines ask the spec (``call.kind.spec``).
+
+>>> SPECS["LLM_SCORE"].sql_type, CallKind.SCORE.value, CallKind.SCORE.spec is SPECS["LLM_SCORE"]
+('DOUBLE', 'LLM_SCORE', True)
+>>> REGISTRY[CallKind.FILTER].predicate, CallKind.AGG.spec.aggregate
+(True, True)
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
-from llmsql.udfs import llm_agg, llm_classify, llm_extract, llm_filter, llm_map
-from llmsql.udfs.base import CallKind, CallOptions, Parsed, SchemaField, Volatility
+from llmsql.udfs.base import CallOptions, Parsed, SchemaField, UDFSpec, Volatility, registry
 from llmsql.udfs.prompts import PromptTemplate, render_value
 
-
-@dataclass(frozen=True, slots=True)
-class UDFSpec:
-    """What the engine needs to know about one LLM function."""
-
-    kind: CallKind
-    parse: Callable[[str, CallOptions], Parsed]
-    default_max_tokens: int
-    sql_type: str
-
-
-REGISTRY: dict[CallKind, UDFSpec] = {
-    CallKind.MAP: UDFSpec(CallKind.MAP, llm_map.parse, llm_map.DEFAULT_MAX_TOKENS, "VARCHAR"),
-    CallKind.FILTER: UDFSpec(
-        CallKind.FILTER, llm_filter.parse, llm_filter.DEFAULT_MAX_TOKENS, "BOOLEAN"
-    ),
-    CallKind.CLASSIFY: UDFSpec(
-        CallKind.CLASSIFY, llm_classify.parse, llm_classify.DEFAULT_MAX_TOKENS, "VARCHAR"
-    ),
-    CallKind.EXTRACT: UDFSpec(
-        CallKind.EXTRACT, llm_extract.parse, llm_extract.DEFAULT_MAX_TOKENS, "STRUCT"
-    ),
-    CallKind.AGG: UDFSpec(CallKind.AGG, llm_agg.parse, llm_agg.DEFAULT_MAX_TOKENS, "VARCHAR"),
-}
+CallKind = registry().kinds
+"""The LLM functions, one member per spec (``CallKind.FILTER.value == 'LLM_FILTER'``;
+``CallKind.FILTER.spec`` is its spec)."""
+SPECS: dict[str, UDFSpec] = registry().specs
+"""Spec by SQL name."""
+REGISTRY = registry().by_kind
+"""Spec by :data:`CallKind`."""
 
 __all__ = [
     "REGISTRY",
+    "SPECS",
     "CallKind",
     "CallOptions",
     "Parsed",

@@ -14,11 +14,23 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import re
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
 
 from llmsql.errors import PlanError
-from llmsql.udfs.base import CallOptions, Parsed, SchemaField
+from llmsql.udfs.base import (
+    Abilities,
+    CallOptions,
+    Constraints,
+    OptionRule,
+    Parsed,
+    SchemaField,
+    UDFSpec,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 DEFAULT_MAX_TOKENS = 128
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -32,14 +44,17 @@ def _to_bool(v: Any) -> bool:
         return True
     if s in ("false", "no", "0"):
         return False
-    raise ValueError(f"not a boolean: {v!r}")
+    msg = f"not a boolean: {v!r}"
+    raise ValueError(msg)
 
 
 def _to_int(v: Any) -> int:
     if isinstance(v, bool):
-        raise ValueError("boolean is not an integer")
+        msg = "boolean is not an integer"
+        raise ValueError(msg)
     if isinstance(v, float) and not v.is_integer():
-        raise ValueError(f"not an integer: {v!r}")
+        msg = f"not an integer: {v!r}"
+        raise ValueError(msg)
     return int(v)
 
 
@@ -73,18 +88,21 @@ def parse_schema(text: str, /) -> tuple[SchemaField, ...]:
     for part in [p.strip() for p in text.split(",")]:
         bits = part.split()
         if len(bits) != 2 or not _NAME.match(bits[0]):
-            raise PlanError(
+            msg = (
                 f"LLM_EXTRACT schema entry {part!r} is malformed; write 'name TYPE, ...', "
                 "e.g. schema => 'title VARCHAR, year INTEGER'"
             )
+            raise PlanError(msg)
         name, typ = bits[0], bits[1].upper()
         if typ not in TYPES:
-            raise PlanError(
+            msg = (
                 f"LLM_EXTRACT schema field {name!r} has unsupported type {bits[1]!r}; "
                 f"use one of {', '.join(sorted(TYPES))}"
             )
+            raise PlanError(msg)
         if any(f.name == name for f in fields):
-            raise PlanError(f"LLM_EXTRACT schema names field {name!r} twice")
+            msg = f"LLM_EXTRACT schema names field {name!r} twice"
+            raise PlanError(msg)
         fields.append(SchemaField(name, typ))
     return tuple(fields)
 
@@ -129,3 +147,33 @@ def parse(text: str, options: CallOptions, /) -> Parsed:
         except (ValueError, TypeError) as exc:
             return Parsed(None, False, f"field {f.name!r}: {exc}")
     return Parsed(out, True)
+
+
+def check_schema(value: object, /) -> tuple[SchemaField, ...]:
+    """The ``schema =>`` option: ``'name TYPE, ...'`` parsed (:func:`parse_schema`)."""
+    if not isinstance(value, str) or not value.strip():
+        msg = "needs schema => 'name TYPE, ...', e.g. schema => 'title VARCHAR, year INTEGER'"
+        raise ValueError(
+            msg)
+    try:
+        return parse_schema(value)
+    except PlanError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def constraints(options: CallOptions, abilities: Abilities, /) -> Constraints:
+    """JSON matching the schema, where the backend can constrain the answer."""
+    if abilities.json_schema and options.schema:
+        return Constraints(json_schema=json_schema(options.schema))
+    return Constraints()
+
+
+def arrow_type(options: CallOptions, /) -> pa.DataType:
+    """A struct of the schema's fields."""
+    return pa.struct([(f.name, pa.type_for_alias(TYPES[f.type][2]))
+                      for f in options.schema or ()])
+
+
+SPEC = UDFSpec("LLM_EXTRACT", "EXTRACT", "STRUCT", DEFAULT_MAX_TOKENS, parse,
+               arrow_type=arrow_type, constraints=constraints,
+               options=(OptionRule("schema", check_schema),))

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import re
 
-from llmsql.udfs.base import CallOptions, Parsed
+import pyarrow as pa
+
+from llmsql.udfs.base import Abilities, CallOptions, Constraints, Parsed, UDFSpec
 
 CHOICES = ("Yes", "No")
 DEFAULT_MAX_TOKENS = 4
@@ -22,6 +24,8 @@ _TRUE = {"yes", "true", "y"}
 _FALSE = {"no", "false", "n"}
 _YES = Parsed(True, True)
 _NO = Parsed(False, True)
+_YES_NO = Constraints(choices=CHOICES)
+_FREE = Constraints()
 
 
 def parse(text: str, options: CallOptions, /) -> Parsed:
@@ -33,3 +37,12 @@ def parse(text: str, options: CallOptions, /) -> Parsed:
     if word in _FALSE:
         return _NO
     return Parsed(None, False, f"answer is neither yes nor no: {text[:60]!r}")
+
+
+def constraints(options: CallOptions, abilities: Abilities, /) -> Constraints:
+    """Yes or No, where the backend can constrain the answer."""
+    return _YES_NO if abilities.constrained_choice else _FREE
+
+
+SPEC = UDFSpec("LLM_FILTER", "FILTER", "BOOLEAN", DEFAULT_MAX_TOKENS, parse,
+               arrow_type=lambda options: pa.bool_(), constraints=constraints, predicate=True)

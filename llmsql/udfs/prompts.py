@@ -23,14 +23,16 @@ import decimal
 import json
 import math
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def render_value(value: Any) -> str:
+def render_value(value: Any) -> str:  # noqa: PLR0911 - one return per SQL type
     """Format one value exactly as the rendering contract says (engine-independent).
 
     >>> [render_value(v) for v in (None, "a\\nb", 3, 0.1, True, _dt.date(2024, 1, 2))]

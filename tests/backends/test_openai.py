@@ -243,3 +243,49 @@ def test_retry_delays_grow_and_honour_retry_after(server: ServeProcess) -> None:
         assert backend._delay(0, 7.0) == 7.0 and backend._delay(0, 60.0) == 10.0
     finally:
         backend.close()
+
+
+def test_choice_probabilities_through_the_server(server: ServeProcess) -> None:
+    """LLM_SCORE through ``llmsql serve``: the server answers ``logprobs`` for requests
+    constrained to choices with the transformers backend's exact choice probabilities, and
+    the openai backend reads them back (both endpoints) as the local backend gives them."""
+    from llmsql.backends import get_backend
+
+    prompts = ["Is Paris the capital of France? Answer Yes or No.",
+               "Is the sun cold? Answer Yes or No."]
+    reqs = [Request(p, max_tokens=2, choices=("Yes", "No"), choice_probs=True) for p in prompts]
+    local = get_backend(BackendSpec.make("transformers", None, threads=1))
+    try:
+        expected = local.generate(reqs)
+    finally:
+        local.close()
+    assert expected[0].choice_probs != expected[1].choice_probs
+    for endpoint in ("chat", "completions"):
+        backend = OpenAIBackend(spec(server, endpoint=endpoint))
+        try:
+            assert backend.capabilities.choice_probabilities  # llmsql serve says it can
+            out = backend.generate([*reqs, Request(prompts[0], choices=("Yes", "No"))])
+        finally:
+            backend.close()
+        assert out[-1].choice_probs is None  # not asked: no logprobs requested
+        for got, want in zip(out, expected, strict=False):
+            assert got.text == want.text and got.choice_probs is not None
+            assert want.choice_probs is not None
+            assert max(abs(a - b) for a, b in zip(got.choice_probs, want.choice_probs,
+                                                  strict=True)) < 1e-4
+    off = OpenAIBackend(spec(server, choice_probs=False))
+    try:
+        assert not off.capabilities.choice_probabilities
+        assert off.generate(reqs[:1])[0].choice_probs is None
+    finally:
+        off.close()
+    host, port = server.url.removeprefix("http://").split("/")[0].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v1/chat/completions", headers={
+        "Content-Type": "application/json", "Authorization": f"Bearer {server.key}"},
+        body=json.dumps({"model": "smollm2", "logprobs": True, "top_logprobs": 2,
+                         "messages": [{"role": "user", "content": "hi"}]}))
+    resp = conn.getresponse()
+    status, body = resp.status, json.loads(resp.read())
+    conn.close()
+    assert status == 400 and "only for requests constrained to choices" in body["error"]["message"]

@@ -20,12 +20,7 @@ import pytest
 
 from llmsql import models
 from llmsql.backends import BackendSpec, LLMBackend, Request, Response, get_backend
-from llmsql.backends.transformers import (
-    WORKER_OPTIONS,
-    PrefixGroup,
-    common_prefix_len,
-    plan_prefix_groups,
-)
+from llmsql.backends.transformers import WORKER_OPTIONS
 from llmsql.errors import BackendError, ConfigError
 
 CAPITALS = {
@@ -148,39 +143,6 @@ def test_bad_model_path_through_the_backend(tmp_path: pathlib.Path) -> None:
         get_backend(BackendSpec.make("transformers", str(tmp_path / "missing")))
 
 
-# ------------------------------------------------------------ prefix grouping (no model)
-def test_common_prefix_len() -> None:
-    assert common_prefix_len([1, 2, 3], [1, 2, 3]) == 3
-    assert common_prefix_len([], [1]) == 0
-
-
-def test_groups_keep_the_long_shared_prefix() -> None:
-    header, a, b = list(range(10)), list(range(50, 58)), list(range(60, 68))
-    seqs = [[*header, *a, 1], [*header, *a, 2], [*header, *b, 1], [*header, *b, 2]]
-    # two groups save 18 + 18 tokens; one group of four would save only 3 * 10
-    assert plan_prefix_groups(seqs, min_prefix=4) == [PrefixGroup(0, 2, 18), PrefixGroup(2, 4, 18)]
-    # with shorter specific parts, one group of four saves more (3 * 10 > 13 + 13)
-    short = [[*header, *a[:3], 1], [*header, *a[:3], 2], [*header, *b[:3], 1], [*header, *b[:3], 2]]
-    assert plan_prefix_groups(short, min_prefix=4) == [PrefixGroup(0, 4, 10)]
-
-
-def test_groups_prefer_one_group_when_only_the_header_is_shared() -> None:
-    header = list(range(10))
-    seqs = [[*header, 100 + i, 7] for i in range(5)]
-    assert plan_prefix_groups(seqs, min_prefix=4) == [PrefixGroup(0, 5, 10)]
-
-
-def test_groups_leave_each_member_a_token_of_its_own() -> None:
-    same = [1, 2, 3, 4, 5, 6, 7, 8, 9]
-    assert plan_prefix_groups([same, same], min_prefix=4) == [PrefixGroup(0, 2, 8)]
-
-
-def test_groups_of_unrelated_prompts_are_singletons() -> None:
-    seqs = [[1, 2], [3, 4], [5, 6]]
-    assert [g.prefix_len for g in plan_prefix_groups(seqs)] == [0, 0, 0]
-    assert plan_prefix_groups([]) == []
-
-
 # ------------------------------------------------------------------ real model
 @pytest.mark.model
 def test_capabilities_and_identity(backend: LLMBackend) -> None:
@@ -238,6 +200,45 @@ def test_choices_constraint(backend: LLMBackend) -> None:
     assert [r.text for r in responses] == [one(backend, q).text for q in requests]
     forced = one(backend, Request("Reply with the word banana.", choices=("banana", "quartz")))
     assert forced.text == "banana"
+
+
+@pytest.mark.model
+def test_choice_probabilities_are_the_models_own(backend: LLMBackend) -> None:
+    """LLM_SCORE's backend side: with ``choice_probs``, each choice's probability renormalized
+    over the choices, exp(logp_c) / sum exp(logp_c'), where logp_c = log P(tokens(c) + eos |
+    prompt) is computed here from one plain forward pass of the model over prompt + choice."""
+    import math
+
+    import torch
+
+    assert backend.capabilities.choice_probabilities
+    choices = ("Yes", "No")
+    prompts = [
+        "Is Paris the capital of France? Answer Yes or No.",
+        "Is the sun cold? Answer Yes or No.",
+        INSTRUCTION + REVIEWS[0] + "\nIs the review positive? Answer Yes or No.",
+    ]
+    requests = [Request(p, choices=choices, choice_probs=True) for p in prompts]
+    *scored, plain = backend.generate([*requests, Request(prompts[0], choices=choices)])
+    assert plain.choice_probs is None  # only when asked
+    tokenizer, model = backend._tokenizer, backend.engine.model  # type: ignore[attr-defined]
+    for request, response in zip(requests, scored, strict=True):
+        probs = response.choice_probs
+        assert probs is not None and len(probs) == 2
+        assert math.isclose(sum(probs), 1.0, abs_tol=1e-12)
+        assert response.text == choices[0 if probs[0] >= probs[1] else 1]  # argmax = the answer
+        prompt_ids = list(backend._encode(0, request).ids)  # type: ignore[attr-defined]
+        logp = []
+        for choice in choices:
+            ids = [*tokenizer(choice, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+            with torch.inference_mode():
+                logits = model(input_ids=torch.tensor([prompt_ids + ids])).logits[0].float()
+            steps = torch.log_softmax(logits, dim=-1)[len(prompt_ids) - 1 :]
+            logp.append(sum(float(steps[t, tok]) for t, tok in enumerate(ids)))
+        expected = math.exp(logp[0]) / (math.exp(logp[0]) + math.exp(logp[1]))
+        assert abs(probs[0] - expected) < 1e-4, (probs, expected)
+    yes = [p.choice_probs[0] for p in scored]  # type: ignore[index]
+    assert max(yes) - min(yes) > 0.01  # the prompts differ: so do their probabilities
 
 
 @pytest.mark.model
@@ -347,7 +348,7 @@ def test_json_schema_answers_always_parse(backend: LLMBackend) -> None:
     assert 10 < least < 30
     budgets = [64, 64, 24, least]
     responses = backend.generate([
-        Request(p, max_tokens=b, json_schema=ORDER_SCHEMA) for p, b in zip(prompts, budgets)
+        Request(p, max_tokens=b, json_schema=ORDER_SCHEMA) for p, b in zip(prompts, budgets, strict=False)
     ])
     for r, b in zip(responses, budgets, strict=True):
         assert r.error is None, r.error
@@ -417,11 +418,12 @@ def test_batching_changes_logits_by_rounding_only(backend: LLMBackend) -> None:
     prompt's, but within 1e-3 (half the guard's 0.002 margin)."""
     import torch
 
+    engine = backend.engine  # type: ignore[attr-defined]
     rows = sorted((backend._encode(i, r) for i, r in enumerate(_beer_requests()[:8])),  # type: ignore[attr-defined]
                   key=lambda e: e.ids)
     with torch.inference_mode():
-        together = backend._prefill(rows)[0].logits  # type: ignore[attr-defined]
-        alone = torch.cat([backend._prefill([e])[0].logits for e in rows])  # type: ignore[attr-defined]
+        together = engine.prefill(rows)[0].logits
+        alone = torch.cat([engine.prefill([e])[0].logits for e in rows])
     gap = float((together - alone).abs().max())
     assert 0 < gap < 1e-3
 

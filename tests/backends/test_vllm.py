@@ -124,6 +124,28 @@ def test_first_token_choices_agree_with_structured_decoding(
     assert vllm_backend.metrics() == {}  # no log_stats: nothing kept
 
 
+@pytest.mark.vllm
+def test_choice_probabilities_from_first_token_logprobs(vllm_backend: VLLMBackend) -> None:
+    """LLM_SCORE on vLLM: each choice's probability renormalized over the choices, from the
+    first step's log-probabilities of the choices' first tokens; None where choices share a
+    first token, or where nobody asked."""
+    import math
+
+    assert vllm_backend.capabilities.choice_probabilities
+    yes_no = ("Yes", "No")
+    asked = [Request(q, choices=yes_no, choice_probs=True) for q in (
+        "Is Paris the capital of France? Answer Yes or No.",
+        "Is the sun cold? Answer Yes or No.")]
+    shared = Request("Rate 'I loved it': very good or very bad.",
+                     choices=("very good", "very bad"), max_tokens=8, choice_probs=True)
+    out = vllm_backend.generate([*asked, shared, Request(asked[0].prompt, choices=yes_no)])
+    for r in out[:2]:
+        assert r.choice_probs is not None and math.isclose(sum(r.choice_probs), 1.0)
+        assert r.text == yes_no[0 if r.choice_probs[0] >= r.choice_probs[1] else 1]
+    assert out[0].choice_probs != out[1].choice_probs
+    assert out[2].choice_probs is None and out[3].choice_probs is None
+
+
 def test_choice_decoding_option_is_checked() -> None:
     with pytest.raises(ConfigError, match="choice_decoding='fast'"):
         VLLMBackend(BackendSpec.make("vllm", None, choice_decoding="fast"))

@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from llmsql.errors import PlanError
 from bench.ggr import ggr
+from llmsql.errors import PlanError
 from llmsql.optimizer.ordering import Ordering, render, repetition_bound, solve
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,7 +48,7 @@ def check_valid(columns: Sequence[Sequence[str]], names: Sequence[str], o: Order
 
 def row_lines(columns: Sequence[Sequence[str]], names: Sequence[str]) -> list[list[str]]:
     n = len(columns[0])
-    return sorted(sorted(f"{nm}: {c[i]}\n" for nm, c in zip(names, columns)) for i in range(n))
+    return sorted(sorted(f"{nm}: {c[i]}\n" for nm, c in zip(names, columns, strict=False)) for i in range(n))
 
 
 def contiguous(labels: Sequence[Any]) -> bool:

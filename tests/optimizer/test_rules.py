@@ -82,7 +82,7 @@ def test_warm_prefixes_warms_each_shared_prefix_once_and_keeps_the_order() -> No
         sharing = [i for i in w.send_order() if w.prompt(i).startswith(prefix)]
         assert len(sharing) >= 2  # a warm-up serves at least two prompts
     edges = [*w.batches, len(w.send_order())]
-    assert all(hi - lo <= 64 for lo, hi in zip(edges, edges[1:]))
+    assert all(hi - lo <= 64 for lo, hi in zip(edges, edges[1:], strict=False))
     assert "warm_prefixes" in w.notes[-1]
 
 
@@ -111,7 +111,7 @@ def test_warm_prefixes_windows_keep_long_answers_kv_within_half_the_cache(
         b.call, options=dataclasses.replace(b.call.options, max_tokens=max_tokens)))
     w = warm_prefixes(reorder_prompts(dedup_prompts(b, ctx), ctx), ctx)
     edges = [*w.batches, len(w.send_order())]
-    sizes = [hi - lo for lo, hi in zip(edges, edges[1:])]
+    sizes = [hi - lo for lo, hi in zip(edges, edges[1:], strict=False)]
     assert sum(sizes) == 600
     if max_tokens >= 8:  # long answers: a window's own KV (>= rows x 48) fits half the cache
         assert len(sizes) > 7 and max(sizes) * max_tokens <= 2000
@@ -129,7 +129,7 @@ def test_engines_sharing_prefixes_in_a_batch_get_kv_windows_but_no_warm_ups() ->
     w = warm_prefixes(reorder_prompts(dedup_prompts(long, ctx), ctx), ctx)
     edges = [*w.batches, len(w.send_order())]
     assert w.warmups == () and len(edges) > 8
-    assert max(hi - lo for lo, hi in zip(edges, edges[1:])) * 48 <= 2000
+    assert max(hi - lo for lo, hi in zip(edges, edges[1:], strict=False)) * 48 <= 2000
     short = dataclasses.replace(long, call=dataclasses.replace(
         long.call, options=dataclasses.replace(long.call.options, max_tokens=2)))
     r = reorder_prompts(dedup_prompts(short, ctx), ctx)
@@ -148,7 +148,7 @@ def test_batch_by_length_cuts_at_group_starts_and_keeps_order() -> None:
     b = batch_by_length(r, ctx)
     assert b.send_order() == r.send_order()
     edges = [*b.batches, len(b.send_order())]
-    assert all(0 < hi - lo <= 16 for lo, hi in zip(edges, edges[1:]))
+    assert all(0 < hi - lo <= 16 for lo, hi in zip(edges, edges[1:], strict=False))
     assert b.batches[0] == 0
 
 

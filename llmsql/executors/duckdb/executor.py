@@ -9,16 +9,19 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
-import pyarrow as pa
 from sqlglot import exp
 
 from llmsql.errors import ConfigError, ExecutionError, PlanError
 from llmsql.step import StepEnv, run_call
-from llmsql.stats import CallStats
-from llmsql.plan import LLMCall, QueryPlan
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from llmsql.plan import LLMCall, QueryPlan
+    from llmsql.stats import CallStats
 
 READERS = {
     ".parquet": "read_parquet",
@@ -52,11 +55,13 @@ class DuckDBExecutor:
     def create(cls, *, database: str = ":memory:", **options: Any) -> DuckDBExecutor:
         """A new connection to ``database`` (``:memory:`` or a file)."""
         if options.get("spark") is not None:
-            raise ConfigError("the 'spark' setting needs engine='spark'")
+            msg = "the 'spark' setting needs engine='spark'"
+            raise ConfigError(msg)
         try:
             return cls(duckdb.connect(database))
         except duckdb.Error as exc:
-            raise ConfigError(f"cannot open DuckDB database {database!r}: {exc}") from None
+            msg = f"cannot open DuckDB database {database!r}: {exc}"
+            raise ConfigError(msg) from None
 
     def close(self) -> None:
         """Close the connection."""
@@ -74,29 +79,35 @@ class DuckDBExecutor:
         try:
             self.con.register(name, data)
         except (duckdb.Error, TypeError, ValueError) as exc:
-            raise ConfigError(
+            msg = (
                 f"cannot register {type(data).__name__} as table {name!r}: {exc}; pass a "
                 "pandas or polars DataFrame, a pyarrow Table, or a parquet/csv/json path"
-            ) from None
+            )
+            raise ConfigError(msg) from None
 
     def _register_path(self, name: str, path: Path) -> None:
         reader = READERS.get(path.suffix.lower())
         if reader is None:
-            raise ConfigError(
+            msg = (
                 f"table {name!r}: cannot tell the format of {str(path)!r}; use a .parquet, "
                 ".csv or .json file"
             )
+            raise ConfigError(msg)
         if not path.is_file():
-            raise ConfigError(f"table {name!r}: file {str(path)!r} does not exist")
+            msg = f"table {name!r}: file {str(path)!r} does not exist"
+            raise ConfigError(msg)
         if not os.access(path, os.R_OK):
-            raise ConfigError(f"table {name!r}: file {str(path)!r} is not readable")
+            msg = f"table {name!r}: file {str(path)!r} is not readable"
+            raise ConfigError(msg)
         literal = str(path).replace("'", "''")
         ident = exp.to_identifier(name).sql(dialect="duckdb")
         try:
-            self.con.execute(f"CREATE OR REPLACE VIEW {ident} AS SELECT * FROM {reader}('{literal}')")
+            self.con.execute(
+                f"CREATE OR REPLACE VIEW {ident} AS SELECT * FROM {reader}('{literal}')")
             self.con.sql(f"SELECT * FROM {ident} LIMIT 0").fetchall()
         except duckdb.Error as exc:
-            raise ConfigError(f"table {name!r}: cannot read {str(path)!r}: {exc}") from None
+            msg = f"table {name!r}: cannot read {str(path)!r}: {exc}"
+            raise ConfigError(msg) from None
 
     # -- the executor protocol --------------------------------------------------------------
 
@@ -105,13 +116,17 @@ class DuckDBExecutor:
         try:
             return to_arrow(self.con.sql(_sql(call.input)))
         except (duckdb.BinderException, duckdb.CatalogException) as exc:
-            raise PlanError(
+            msg = (
                 f"{call.where}: {_first_line(exc)}; check the table and column names in "
-                f"{call.text[:80]}", line=call.line, col=call.col,
+                f"{call.text[:80]}"
+            )
+            raise PlanError(
+                msg, line=call.line, col=call.col,
             ) from None
         except duckdb.Error as exc:
+            msg = f"computing the inputs of {call.where} failed: {exc}"
             raise ExecutionError(
-                f"computing the inputs of {call.where} failed: {exc}", executor=self.name,
+                msg, executor=self.name,
                 step=call.id,
             ) from None
 
@@ -134,9 +149,11 @@ class DuckDBExecutor:
         try:
             rel = self.con.sql(_sql(plan.final))
         except (duckdb.BinderException, duckdb.CatalogException, duckdb.ParserException) as exc:
-            raise PlanError(f"{_first_line(exc)}; check the query's names") from None
+            msg = f"{_first_line(exc)}; check the query's names"
+            raise PlanError(msg) from None
         except duckdb.Error as exc:
-            raise ExecutionError(f"the query failed in DuckDB: {exc}", executor=self.name) from None
+            msg = f"the query failed in DuckDB: {exc}"
+            raise ExecutionError(msg, executor=self.name) from None
         return None if rel is None else to_arrow(rel)
 
     def drop_lookups(self, plan: QueryPlan, /) -> None:

@@ -23,7 +23,6 @@ LLM_AGG groups (the GROUP BY keys) are never split, and keep their rows' scan or
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -37,9 +36,10 @@ from llmsql.executors.spark.partition import (
     plan_partitions,
 )
 from llmsql.plan import ARG_PREFIX, GROUP_PREFIX, LLMCall
-from llmsql.udfs.base import CallKind
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from pyspark.sql import Column, DataFrame, SparkSession
 
 __all__ = ["CHARS_PER_TOKEN", "ORDINAL_COL", "Layout", "LayoutPlanner", "SparkSettings",
@@ -64,7 +64,8 @@ rendered Python strings."""
 
 def is_connect(obj: object) -> bool:
     """True for a Spark Connect object (session, DataFrame or Column): no SparkContext, no
-    JVM handles (``sparkContext``, ``_jdf``, ``_jc``) on the client."""
+    JVM handles (``sparkContext``, ``_jdf``, ``_jc``) on the client.
+    """
     return type(obj).__module__.startswith("pyspark.sql.connect.")
 
 
@@ -97,16 +98,21 @@ class SparkSettings:
         """
         mode = str(spark.conf.get(CONF_PREFIX + "partitioning", "affinity")).lower()
         if mode not in ("affinity", "default"):
-            raise ConfigError(f"{CONF_PREFIX}partitioning must be 'affinity' or 'default', "
-                              f"got {mode!r}")
+            msg = (
+                f"{CONF_PREFIX}partitioning must be 'affinity' or 'default', "
+                f"got {mode!r}"
+            )
+            raise ConfigError(msg)
         try:
             parts = spark.conf.get(CONF_PREFIX + "partitions", None)
             groups = int(spark.conf.get(CONF_PREFIX + "maxPrefixGroups", "100000") or 100000)
             n = int(parts) if parts else None
         except ValueError as exc:
-            raise ConfigError(f"{CONF_PREFIX}partitions / maxPrefixGroups: {exc}") from None
+            msg = f"{CONF_PREFIX}partitions / maxPrefixGroups: {exc}"
+            raise ConfigError(msg) from None
         if n is not None and n < 1:
-            raise ConfigError(f"{CONF_PREFIX}partitions must be at least 1, got {n}")
+            msg = f"{CONF_PREFIX}partitions must be at least 1, got {n}"
+            raise ConfigError(msg)
         return cls(partitioning=mode, partitions=n, max_groups=groups,  # type: ignore[arg-type]
                    max_field_order_rows=_limit(spark, "maxFieldOrderRows", MAX_FIELD_ORDER_ROWS),
                    max_field_order_chars=_limit(spark, "maxFieldOrderChars",
@@ -125,8 +131,11 @@ def _limit(spark: SparkSession, key: str, default: int) -> int:
     except ValueError:
         value = -1
     if value < 0:
-        raise ConfigError(f"{CONF_PREFIX}{key} must be a whole number of at least 0, "
-                          f"got {text!r}")
+        msg = (
+            f"{CONF_PREFIX}{key} must be a whole number of at least 0, "
+            f"got {text!r}"
+        )
+        raise ConfigError(msg)
     return value
 
 
@@ -161,7 +170,8 @@ class LayoutPlanner:
     def _connect_parallelism(self) -> int:
         """The default parallelism through Spark Connect, which has no SparkContext: a range
         without a partition count gets it (``spark.sql.leafNodeDefaultParallelism``, else
-        the cluster's default parallelism). One small Spark job."""
+        the cluster's default parallelism). One small Spark job.
+        """
         from pyspark.sql import functions as F
 
         row = (self.spark.range(0, 1 << 16).select(F.spark_partition_id().alias("p"))
@@ -173,7 +183,7 @@ class LayoutPlanner:
     def layout(self, call: LLMCall, inputs: DataFrame) -> Layout:
         """Partition ``call``'s inputs for the executors (see the module docstring)."""
         n = self.n_partitions()
-        if call.kind is CallKind.AGG:
+        if call.kind.spec.aggregate:
             return self._agg_layout(call, inputs, n)
         if self.settings.partitioning == "default" or not call.fields:
             return Layout(inputs.repartition(n), (

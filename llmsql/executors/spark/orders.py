@@ -23,7 +23,6 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from llmsql.step import bind
 from llmsql.executors.spark.layout import CONF_PREFIX, SparkSettings
 from llmsql.executors.spark.worker import local_timestamps
 from llmsql.optimizer import optimize
@@ -31,7 +30,7 @@ from llmsql.optimizer.context import PinnedFieldOrders, RuleContext
 from llmsql.optimizer.dedup_prompts import dedup_prompts
 from llmsql.optimizer.reorder_prompts import reorder_prompts
 from llmsql.plan import ARG_PREFIX, LLMCall
-from llmsql.udfs.base import CallKind
+from llmsql.step import bind
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -52,16 +51,18 @@ class FieldOrders:
 
 def needs_field_orders(call: LLMCall, ctx: RuleContext, /) -> bool:
     """Whether a partition could give a row of ``call`` another field order than the whole
-    input would: reordering on, and at least two appended fields whose order is free."""
+    input would: reordering on, and at least two appended fields whose order is free.
+    """
     template = call.template
-    return (ctx.reorder and call.kind is not CallKind.AGG and not template.order_is_fixed
+    return (ctx.reorder and not call.kind.spec.aggregate and not template.order_is_fixed
             and len(template.appended) >= 2)
 
 
 def field_orders(call: LLMCall, inputs: DataFrame, ctx: RuleContext, settings: SparkSettings,
                  time_zone: str) -> FieldOrders:
     """The field orders of ``call``'s distinct ``inputs`` (one row each), chosen on the driver
-    when they fit the limits: one small Spark job to measure, one to collect."""
+    when they fit the limits: one small Spark job to measure, one to collect.
+    """
     if not needs_field_orders(call, ctx):
         return FieldOrders()
     from pyspark.sql import functions as F

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmsql.errors import PlanError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = ["Group", "PartitionPlan", "Split", "describe", "field_priority", "plan_partitions"]
 
@@ -154,9 +156,11 @@ def plan_partitions(
     (55, 45)
     """
     if n_partitions < 1:
-        raise PlanError(f"plan_partitions needs at least one partition, got {n_partitions}")
+        msg = f"plan_partitions needs at least one partition, got {n_partitions}"
+        raise PlanError(msg)
     if any(g.tokens < 0 for g in groups):
-        raise PlanError("plan_partitions got a group with negative tokens")
+        msg = "plan_partitions got a group with negative tokens"
+        raise PlanError(msg)
     total = sum(g.tokens for g in groups)
     target = max(1.0, total / n_partitions)
     units = _units(groups, target, slack)

@@ -24,13 +24,14 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from llmsql.errors import ConfigError
 from llmsql.executors.spark.layout import is_connect
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from pyspark.sql import SparkSession
 
 __all__ = ["OWNED_CONF", "QUERY_CONF", "open_session", "query_conf"]
@@ -74,7 +75,7 @@ def query_conf(spark: SparkSession) -> Iterator[None]:
 
 
 def _package_root() -> str:
-    return str(pathlib.Path(__file__).resolve().parents[2])
+    return str(pathlib.Path(__file__).resolve().parents[3])  # above llmsql/executors/spark/
 
 
 def _connect(master: str) -> SparkSession:
@@ -84,13 +85,19 @@ def _connect(master: str) -> SparkSession:
     try:
         return SparkSession.builder.remote(master).getOrCreate()
     except ImportError as exc:  # pyspark without its Connect client (grpcio, ...)
-        raise ConfigError(f"spark={master!r} needs the Spark Connect client: pip install "
-                          f"'llmsql[spark]' ({exc})") from None
+        msg = (
+            f"spark={master!r} needs the Spark Connect client: pip install "
+            f"'llmsql[spark]' ({exc})"
+        )
+        raise ConfigError(msg) from None
     except PySparkRuntimeError as exc:  # SESSION_ALREADY_EXIST: a classic SparkContext
-        raise ConfigError(
+        msg = (
             f"cannot attach to Spark Connect at {master}: this process already runs a "
             f"classic SparkSession ({str(exc).splitlines()[0]}); pass that session as "
-            "spark=, or stop it first") from None
+            "spark=, or stop it first"
+        )
+        raise ConfigError(
+            msg) from None
 
 
 def _build_session(master: str | None) -> SparkSession:
@@ -128,7 +135,8 @@ def open_session(spark: Any) -> tuple[SparkSession, bool]:
     try:
         from pyspark.sql import SparkSession
     except ImportError:
-        raise ConfigError("engine='spark' needs pyspark: pip install 'llmsql[spark]'") from None
+        msg = "engine='spark' needs pyspark: pip install 'llmsql[spark]'"
+        raise ConfigError(msg) from None
     if spark is None or isinstance(spark, str):
         active = SparkSession.getActiveSession()
         remote = isinstance(spark, str) and spark.startswith("sc://")
@@ -138,4 +146,5 @@ def open_session(spark: Any) -> tuple[SparkSession, bool]:
         return _build_session(spark or None), True
     if hasattr(spark, "sql") and hasattr(spark, "createDataFrame"):
         return spark, False
-    raise ConfigError(f"spark= must be a SparkSession or a master URL, got {type(spark).__name__}")
+    msg = f"spark= must be a SparkSession or a master URL, got {type(spark).__name__}"
+    raise ConfigError(msg)

@@ -24,20 +24,24 @@ Spark text. DuckDB never sees these rewrites.
 >>> import sqlglot
 >>> q = sqlglot.parse_one("SELECT (SELECT r.__llmsql_result FROM __llmsql_q_1 AS r "
 ...                       "WHERE r.__llmsql_a0 IS NOT DISTINCT FROM x) FROM t")
->>> spark_sql(q)
-"SELECT (SELECT r.__llmsql_result FROM __llmsql_q_1 AS r WHERE NAMED_STRUCT('k0', r.__llmsql_a0) = NAMED_STRUCT('k0', x)) FROM t"
+>>> print(spark_sql(q).replace(" WHERE", "\\nWHERE"))
+SELECT (SELECT r.__llmsql_result FROM __llmsql_q_1 AS r
+WHERE NAMED_STRUCT('k0', r.__llmsql_a0) = NAMED_STRUCT('k0', x)) FROM t
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlglot import exp
 
 from llmsql.errors import UnsupportedError
 from llmsql.plan import RESULT_COL
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = ["LookupRef", "as_lookup", "hash_joinable", "hoist_nested", "spark_sql",
            "wrap_ungrouped"]
@@ -122,10 +126,11 @@ def _expand_star(scope: exp.Select) -> None:
     joins = scope.args.get("joins") or []
     if any(j.args.get("using") or (j.args.get("method") or "").upper() == "NATURAL"
            for j in joins):
-        raise UnsupportedError(
+        msg = (
             "a nested LLM call in a SELECT * over a USING or NATURAL join cannot run on Spark; "
             "list the columns instead of *"
         )
+        raise UnsupportedError(msg)
     sources = [scope.args["from_"].this, *(j.this for j in joins)]
     stars: list[exp.Expr] = [
         exp.Column(this=exp.Star(), table=exp.to_identifier(s.alias_or_name)) for s in sources

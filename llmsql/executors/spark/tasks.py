@@ -1,4 +1,4 @@
-"""What the Spark driver makes of an LLM call's tasks (see :mod:`llmsql.executors.spark.executor`).
+"""What the Spark driver makes of an LLM call's tasks (see :mod:`~llmsql.executors.spark`).
 
 Each ``mapInArrow`` task of a call returns one statistics row
 (:func:`llmsql.executors.spark.worker.answer_partition`). Here they become the call's
@@ -13,23 +13,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-
-from llmsql import errors
+import llmsql.errors as errors
 from llmsql.budget import Budget, PartSize, amount
 from llmsql.errors import BudgetExceeded, ExecutionError, LLMSQLError
-from llmsql.step import KnownAnswers, StepEnv, render_column
-from llmsql.stats import MAX_ERRORS_KEPT, CallError, CallStats
 from llmsql.executors.spark.layout import CHARS_PER_TOKEN
 from llmsql.executors.spark.worker import local_timestamps
 from llmsql.plan import ARG_PREFIX, GROUP_PREFIX, RESULT_COL, LLMCall, PromptBatch
-from llmsql.udfs.base import CallKind
+from llmsql.stats import MAX_ERRORS_KEPT, CallError, CallStats
+from llmsql.step import KnownAnswers, StepEnv, render_column
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import pyarrow as pa
     from pyspark.sql import DataFrame
 
 KNOWN_COLLECT_ROWS = 1024
@@ -89,6 +88,9 @@ def merge_stats(call: LLMCall, parts: Sequence[dict[str, Any]]) -> CallStats:
 
 
 def partition_report(call: LLMCall, p: dict[str, Any]) -> PartitionReport:
+    """One task's statistics row (as :func:`~llmsql.executors.spark.worker.answer_partition`
+    returns it) as the driver's :class:`PartitionReport`.
+    """
     w = p.get("worker") or {}  # None: the task never needed the worker (all cached)
     lead = p.get("lead")
     return PartitionReport(call.id, int(p["partition"]), str(p["executor"]),
@@ -143,7 +145,8 @@ def merge_batches(items: Sequence[tuple[PromptBatch, tuple[int, ...]]],
 
 def partition_sizes(call: LLMCall, df: DataFrame) -> list[PartSize]:
     """Per partition id, up to the last non-empty one, its estimated prompts and prompt
-    tokens (one Spark job). Prompt characters are counted as the template renders them."""
+    tokens (one Spark job). Prompt characters are counted as the template renders them.
+    """
     from pyspark.sql import functions as F
 
     def width(j: int) -> Any:
@@ -153,7 +156,7 @@ def partition_sizes(call: LLMCall, df: DataFrame) -> list[PartSize]:
     lines = functools.reduce(lambda a, b: a + b, [width(j) for j in range(len(call.fields))],
                              F.lit(len(call.template.instruction) + 1))
     groups = [c for c in df.columns if c.startswith(GROUP_PREFIX)]
-    if call.kind is CallKind.AGG:
+    if call.kind.spec.aggregate:
         prompts = F.count_distinct(F.struct(*groups)) if groups else F.lit(1)
     else:
         prompts = F.count(F.lit(1))

@@ -27,6 +27,10 @@ DataFrame API's Arrow UDFs, one Arrow batch or group at a time.
 
 The per-process client cache (:data:`_CLIENTS`) is the one module-level state of llmsql: a
 Spark task has no session to hang it on, and STYLE 7.5 asks for one engine per executor.
+
+This module is over the 500-line guideline: everything here runs inside Spark's Python
+workers and is shipped to them by reference, so the keeper process, the client cache and the
+three entry points (partitions, columns, groups) stay in one importable module.
 """
 
 from __future__ import annotations
@@ -45,14 +49,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from llmsql.backends.base import BackendSpec, LLMBackend
 from llmsql.backends.worker import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_STARTUP_TIMEOUT,
@@ -72,12 +74,16 @@ from llmsql.errors import (
     ContextLengthError,
     LLMSQLError,
 )
-from llmsql.step import KnownAnswers, StepEnv, distinct_rows, remember, result_type, run_call
-from llmsql.stats import CallStats
-from llmsql.optimizer import RuleContext
 from llmsql.plan import ARG_PREFIX, GROUP_PREFIX, RESULT_COL, LLMCall
 from llmsql.progress import NoProgress
-from llmsql.udfs.base import CallKind
+from llmsql.step import KnownAnswers, StepEnv, distinct_rows, remember, result_type, run_call
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+    from llmsql.backends.base import BackendSpec, LLMBackend
+    from llmsql.optimizer import RuleContext
+    from llmsql.stats import CallStats
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +196,7 @@ def _log_tail(path: str, chars: int = 3000) -> str:
 
 def _spawn_keeper(spec: BackendSpec, path: str, jvm: tuple[int, int], gpus: str,
                   idle_timeout: float) -> subprocess.Popen[bytes]:
-    package_root = str(pathlib.Path(__file__).resolve().parents[2])
+    package_root = str(pathlib.Path(__file__).resolve().parents[3])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     if gpus:
@@ -228,10 +234,13 @@ def _ensure_worker(spec: BackendSpec, path: str, jvm: tuple[int, int], gpus: str
         deadline = time.monotonic() + startup
         while not _socket_alive(path):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise BackendError(
+                msg = (
                     f"the llmsql worker keeper for {spec.kind} did not start a worker at {path} "
                     f"(exit code {proc.poll()}); its log ends with:\n"
-                    f"{_log_tail(path + '.keeper.log')}", backend=spec.kind)
+                    f"{_log_tail(path + '.keeper.log')}"
+                )
+                raise BackendError(
+                    msg, backend=spec.kind)
             time.sleep(0.05)
 
 
@@ -382,7 +391,7 @@ def _env(spec: BackendSpec, rule_ctx: RuleContext, on_error: str, cache: ResultC
     """
     backend = LazyBackend(spec, lambda: worker_backend(spec), cache)
     env = StepEnv(
-        backend_for=lambda _model: cast(LLMBackend, backend),
+        backend_for=lambda _model: cast("LLMBackend", backend),
         rule_ctx=lambda b: dataclasses.replace(rule_ctx, capabilities=b.capabilities),
         progress=NoProgress(),
         on_error=on_error,
@@ -405,10 +414,11 @@ def _run(call: LLMCall, inputs: pa.Table, spec: BackendSpec, rule_ctx: RuleConte
         except BackendError as exc:
             if attempt == 2 or "lost the llmsql worker" not in str(exc) or not backend.built:
                 raise
-            _forget(cast(WorkerClient, backend.backend()))
+            _forget(cast("WorkerClient", backend.backend()))
             continue
         return _Attempt(lookup, stats, backend)
-    raise AssertionError("unreachable")
+    msg = "unreachable"
+    raise AssertionError(msg)
 
 
 def _open_cache(path: str | None) -> tuple[ResultCache | None, str | None]:
@@ -431,14 +441,14 @@ def _open_cache(path: str | None) -> tuple[ResultCache | None, str | None]:
 
 
 def _step_columns(call: LLMCall, names: Sequence[str]) -> list[str]:
-    prefix = (ARG_PREFIX, GROUP_PREFIX) if call.kind is CallKind.AGG else (ARG_PREFIX,)
+    prefix = (ARG_PREFIX, GROUP_PREFIX) if call.kind.spec.aggregate else (ARG_PREFIX,)
     return [n for n in names if n.startswith(prefix)]
 
 
 def restore_keys(call: LLMCall, original: pa.Table, rendered: pa.Table,
                  lookup: pa.Table) -> pa.Table:
     """The lookup with its key columns in Spark's types (they were localized to render)."""
-    if call.kind is CallKind.AGG or original.schema.equals(rendered.schema):
+    if call.kind.spec.aggregate or original.schema.equals(rendered.schema):
         return lookup
     keys = [c for c in rendered.column_names if c.startswith(ARG_PREFIX)]
     keep = distinct_rows(rendered, keys)
@@ -483,7 +493,7 @@ def _report(task: StepTask, part: int, rows: int, inputs: pa.Table,
         lead = sorted(set(render_column(inputs.column(task.lead))))[:LEAD_VALUES_REPORTED]
     worker = None
     if done is not None and done.backend.built:
-        worker = dataclasses.asdict(cast(WorkerClient, done.backend.backend()).stats())
+        worker = dataclasses.asdict(cast("WorkerClient", done.backend.backend()).stats())
     return {
         "stats": dataclasses.asdict(done.stats) if done is not None else {},
         "partition": part,
@@ -601,6 +611,6 @@ def column_result_type(call: LLMCall) -> pa.DataType:
 
 
 if __name__ == "__main__":
-    from llmsql.executors.spark.executor import worker as _module  # noqa: PLW0406 - see worker.py
+    from llmsql.executors.spark import worker as _module  # noqa: PLW0406 - the keeper runs as __main__; import this module by name
 
     sys.exit(_module.keeper_main())
