@@ -23,7 +23,7 @@ import llmsql
 import llmsql.backends.worker as worker_package
 from llmsql.backends import BackendSpec, Request
 from llmsql.backends.dry_run import DryRunBackend
-from llmsql.backends.worker import WorkerClient, connect_or_start, spec_digest
+from llmsql.backends.worker import WorkerClient, connect_or_start, protocol, spec_digest
 from llmsql.backends.worker import client as client_module
 from llmsql.backends.worker import server as server_module
 from llmsql.backends.worker.protocol import (
@@ -137,7 +137,7 @@ def test_python_m_runs_the_server() -> None:
 
 
 def test_a_spawned_worker_runs_this_checkout(tmp_path: Path) -> None:
-    env = client_module._worker_env()
+    env = protocol.checkout_env()
     if "site-packages" in Path(llmsql.__file__).parts:
         pytest.skip("llmsql is installed, not run from a source checkout")
     first = env["PYTHONPATH"].split(os.pathsep)[0]

@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pathlib
-import pickle
 import signal
 import socket
 import subprocess
@@ -33,6 +31,7 @@ from llmsql.backends.worker.protocol import (
     Reply,
     WorkerInfo,
     WorkerStats,
+    checkout_env,
     default_socket_path,
     file_lock,
     log_path,
@@ -40,6 +39,7 @@ from llmsql.backends.worker.protocol import (
     recv,
     send,
     session_members,
+    spawn_with_spec,
     spec_digest,
 )
 from llmsql.errors import BackendError, ConfigError, LLMSQLError, UnsupportedError
@@ -91,40 +91,12 @@ def _alive(path: str) -> bool:
     return True
 
 
-def _worker_env() -> dict[str, str]:
-    """Return the environment of a worker this process starts.
-
-    It is this process's, plus (when llmsql runs from a source checkout) the folder holding
-    this ``llmsql`` first on ``PYTHONPATH``, so that the worker runs the same code.
-    """
-    env = dict(os.environ)
-    package_root = pathlib.Path(__file__).resolve().parents[3]  # above llmsql/backends/worker/
-    if package_root.name not in ("site-packages", "dist-packages"):  # a source checkout
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(package_root), env.get("PYTHONPATH")) if p
-        )
-    return env
-
-
 def _spawn(spec: BackendSpec, path: str, idle_timeout: float) -> subprocess.Popen[bytes]:
-    env = _worker_env()
     cmd = [
         sys.executable, "-m", _WORKER_MODULE, "--socket", path,
         "--parent-pid", str(os.getpid()), "--idle-timeout", str(idle_timeout),
     ]  # fmt: skip
-    log_fd = os.open(log_path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        proc = subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
-            cmd, stdin=subprocess.PIPE, stdout=log_fd, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True, close_fds=True,
-        )  # fmt: skip
-    finally:
-        os.close(log_fd)
-    assert proc.stdin is not None
-    with contextlib.suppress(BrokenPipeError):
-        proc.stdin.write(pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL))
-        proc.stdin.close()
-    return proc
+    return spawn_with_spec(cmd, spec, log_path(path), checkout_env())
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], path: str, timeout: float) -> None:

@@ -19,6 +19,7 @@ import os
 import pathlib
 import pickle
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -204,6 +205,40 @@ def log_tail(path: str, /) -> str:
             return f.read().decode(errors="replace")
     except OSError:
         return "(no log)"
+
+
+def checkout_env() -> dict[str, str]:
+    """This process's environment, plus (when llmsql runs from a source checkout) the folder
+    holding this ``llmsql`` first on ``PYTHONPATH``, so that a process started with it runs
+    the same code.
+    """
+    env = dict(os.environ)
+    package_root = pathlib.Path(__file__).resolve().parents[3]  # above llmsql/backends/worker/
+    if package_root.name not in ("site-packages", "dist-packages"):  # a source checkout
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(package_root), env.get("PYTHONPATH")) if p
+        )
+    return env
+
+
+def spawn_with_spec(cmd: list[str], spec: BackendSpec, log: str,
+                    env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` (one of llmsql's own ``python -m`` processes) in a session of its own,
+    its output in the file ``log`` (mode 0600), and hand it ``spec`` pickled on stdin.
+    """
+    log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        proc = subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
+            cmd, stdin=subprocess.PIPE, stdout=log_fd, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True, close_fds=True,
+        )  # fmt: skip
+    finally:
+        os.close(log_fd)
+    assert proc.stdin is not None
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.write(pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL))
+        proc.stdin.close()
+    return proc
 
 
 @contextlib.contextmanager

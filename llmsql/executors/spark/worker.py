@@ -41,11 +41,9 @@ import dataclasses
 import json
 import logging
 import os
-import pathlib
 import pickle
 import socket
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
@@ -64,6 +62,7 @@ from llmsql.backends.worker import (
     private_dir,
     spec_digest,
 )
+from llmsql.backends.worker.protocol import checkout_env, log_tail, spawn_with_spec
 from llmsql.budget import BUDGET_NAMES, Budget, BudgetMeter, Price
 from llmsql.cache import LazyBackend, ResultCache
 from llmsql.errors import (
@@ -79,6 +78,7 @@ from llmsql.progress import NoProgress
 from llmsql.step import KnownAnswers, StepEnv, distinct_rows, remember, result_type, run_call
 
 if TYPE_CHECKING:
+    import subprocess
     from collections.abc import Iterator, Sequence
 
     from llmsql.backends.base import BackendSpec, LLMBackend
@@ -187,35 +187,15 @@ def _flock(path: str, timeout: float) -> contextlib.AbstractContextManager[None]
     return file_lock(path, timeout, fail)
 
 
-def _log_tail(path: str, chars: int = 3000) -> str:
-    try:
-        return pathlib.Path(path).read_text(errors="replace")[-chars:]
-    except OSError:
-        return "(no log)"
-
-
 def _spawn_keeper(spec: BackendSpec, path: str, jvm: tuple[int, int], gpus: str,
                   idle_timeout: float) -> subprocess.Popen[bytes]:
-    package_root = str(pathlib.Path(__file__).resolve().parents[3])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env = checkout_env()
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = gpus
     cmd = [sys.executable, "-m", "llmsql.executors.spark.worker", "--socket", path,
            "--watch-pid", str(jvm[0]), "--watch-start", str(jvm[1]),
            "--idle-timeout", str(idle_timeout)]
-    log_fd = os.open(path + ".keeper.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=log_fd, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True, close_fds=True,
-        )
-    finally:
-        os.close(log_fd)
-    assert proc.stdin is not None
-    with contextlib.suppress(BrokenPipeError):
-        proc.stdin.write(pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL))
-        proc.stdin.close()
+    proc = spawn_with_spec(cmd, spec, path + ".keeper.log", env)
     threading.Thread(target=proc.wait, daemon=True).start()  # reap it if it exits early
     return proc
 
@@ -237,7 +217,7 @@ def _ensure_worker(spec: BackendSpec, path: str, jvm: tuple[int, int], gpus: str
                 msg = (
                     f"the llmsql worker keeper for {spec.kind} did not start a worker at {path} "
                     f"(exit code {proc.poll()}); its log ends with:\n"
-                    f"{_log_tail(path + '.keeper.log')}"
+                    f"{log_tail(path + '.keeper.log')}"
                 )
                 raise BackendError(
                     msg, backend=spec.kind)
