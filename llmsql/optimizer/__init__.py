@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from llmsql.errors import LLMSQLError, OptimizerError
 from llmsql.optimizer.batch_by_length import batch_by_length
@@ -31,6 +32,9 @@ from llmsql.optimizer.plan_context import PlanContext, PredicateSample, Sampler
 from llmsql.optimizer.reorder_prompts import reorder_prompts
 from llmsql.optimizer.warm_prefixes import warm_prefixes
 from llmsql.plan import LLMCall, PromptBatch, QueryPlan
+
+_T = TypeVar("_T")
+_C = TypeVar("_C")
 
 PlanPass = Callable[[QueryPlan, PlanContext], QueryPlan]
 
@@ -64,22 +68,35 @@ class TraceEntry:
     seconds: float
 
 
+def _run_in_order(
+    value: _T, ctx: _C, steps: tuple[Callable[[_T, _C], _T], ...],
+    passthrough: Sequence[BaseException] = (),
+) -> tuple[_T, tuple[TraceEntry, ...]]:
+    """Apply ``steps`` in order, timing each; an unexpected failure becomes an
+    :class:`OptimizerError` naming the step (an :class:`LLMSQLError`, or one of the
+    ``passthrough`` exceptions, propagates unchanged).
+    """
+    trace: list[TraceEntry] = []
+    for step in steps:
+        start = time.perf_counter()
+        try:
+            value = step(value, ctx)
+        except LLMSQLError:
+            raise
+        except Exception as exc:
+            if any(exc is e for e in passthrough):
+                raise
+            msg = f"{type(exc).__name__}: {exc}"
+            raise OptimizerError(msg, rule=step.__name__) from exc
+        trace.append(TraceEntry(step.__name__, time.perf_counter() - start))
+    return value, tuple(trace)
+
+
 def optimize(
     batch: PromptBatch, ctx: RuleContext, /, *, rules: tuple[Rule, ...] = RULES
 ) -> tuple[PromptBatch, tuple[TraceEntry, ...]]:
     """Run ``rules`` in order; return the rewritten batch and the trace."""
-    trace: list[TraceEntry] = []
-    for rule in rules:
-        start = time.perf_counter()
-        try:
-            batch = rule(batch, ctx)
-        except LLMSQLError:
-            raise
-        except Exception as exc:
-            msg = f"{type(exc).__name__}: {exc}"
-            raise OptimizerError(msg, rule=rule.__name__) from exc
-        trace.append(TraceEntry(rule.__name__, time.perf_counter() - start))
-    return batch, tuple(trace)
+    return _run_in_order(batch, ctx, rules)
 
 
 def optimize_plan(
@@ -100,22 +117,7 @@ def optimize_plan(
             escaped.append(exc)
             raise
 
-    guarded = dataclasses.replace(ctx, sample=sample)
-    trace: list[TraceEntry] = []
-    for plan_pass in passes:
-        start = time.perf_counter()
-        try:
-            plan = plan_pass(plan, guarded)
-        except LLMSQLError:
-            raise
-        except Exception as exc:
-            if any(exc is e for e in escaped):
-                raise
-            msg = f"{type(exc).__name__}: {exc}"
-            raise OptimizerError(msg,
-                                 rule=plan_pass.__name__) from exc
-        trace.append(TraceEntry(plan_pass.__name__, time.perf_counter() - start))
-    return plan, tuple(trace)
+    return _run_in_order(plan, dataclasses.replace(ctx, sample=sample), passes, escaped)
 
 
 __all__ = [
