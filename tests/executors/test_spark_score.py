@@ -51,13 +51,15 @@ def test_model_scores_equal_duckdb_in_sql_and_as_a_column(spark: Any) -> None:
         want = scores(duck.sql(SQL).arrow())
         assert all(p is None or 0.0 <= p <= 1.0 for p in want.values())
         got = sp.sql(SQL)
-        assert scores(got.arrow()) == pytest.approx(want, abs=1e-6)
+        # float32 on the CPU: a different batch shape or thread count reorders the reductions,
+        # so the same prompt's probability can move in the sixth decimal (CI saw 2.9e-6).
+        assert scores(got.arrow()) == pytest.approx(want, abs=1e-4)
         assert got.stats.calls[-1].sent > 0  # answered by the executors' worker
         df = spark.createDataFrame(REVIEWS)
         column = df.select("id", llm_score(QUESTION, "review", backend="transformers",
                                            batch_size=1, backend_options={
                                                "threads": 1, "idle_timeout": 120}).alias("p"))
-        assert scores(column.toArrow()) == pytest.approx(want, abs=1e-6)
+        assert scores(column.toArrow()) == pytest.approx(want, abs=1e-4)
     finally:
         duck.close()
         sp.close()
