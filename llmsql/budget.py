@@ -1,4 +1,5 @@
-"""Per-session settings (``SET llmsql.*``): the error policy and the query budgets.
+"""Per-session settings (``SET llmsql.*``): the error policy, the query budgets and the
+expert offload options (``SET llmsql.expert_cache = '24GB'``, :mod:`llmsql.moe.options`).
 
 Budgets bound what one query may spend at the backend: ``max_calls`` (prompts sent),
 ``max_prompt_tokens``, ``max_output_tokens`` and ``max_cost_usd`` (with a price per model).
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from llmsql.errors import BudgetExceeded, ConfigError
+from llmsql.moe.options import OPTION_NAMES, moe_options
 
 if TYPE_CHECKING:
     from llmsql.backends.base import Request, Response
@@ -118,9 +120,13 @@ class Settings:
     budget: Budget = Budget()
     cache: bool = True
     """Read and write the result cache (``SET llmsql.cache = false`` for this session)."""
+    moe: tuple[tuple[str, Any], ...] = ()
+    """Expert offload options set with ``SET llmsql.expert_cache`` (``moe_plan``,
+    ``predictor``, ``lookahead``, ``moe_profile``), as (name, value) over the session's
+    backend options; a None value removes that option (:mod:`llmsql.moe.options`)."""
 
 
-SETTING_NAMES: tuple[str, ...] = ("on_error", "cache", *BUDGET_NAMES)
+SETTING_NAMES: tuple[str, ...] = ("on_error", "cache", *BUDGET_NAMES, *OPTION_NAMES)
 
 
 def apply_setting(settings: Settings, name: str, value: Any, /) -> Settings:
@@ -142,10 +148,23 @@ def apply_setting(settings: Settings, name: str, value: Any, /) -> Settings:
         limit = _limit(key, value)
         limits: dict[str, Any] = {**dataclasses.asdict(settings.budget), key: limit}
         return dataclasses.replace(settings, budget=Budget(**limits))
+    if key in OPTION_NAMES:
+        return dataclasses.replace(settings, moe=_moe_setting(settings.moe, key, value))
     raise ConfigError(
         f"unknown setting llmsql.{name}; the settings are: "
         + ", ".join(f"llmsql.{n}" for n in SETTING_NAMES)
     )
+
+
+def _moe_setting(current: tuple[tuple[str, Any], ...], name: str, value: Any
+                 ) -> tuple[tuple[str, Any], ...]:
+    """``current`` with the MoE option ``name`` set to ``value`` (None, SQL's NULL, removes
+    it; ``'none'`` is a predictor's name). Checked alone: the other options may follow in
+    later statements; the whole set is checked when a model loads.
+    """
+    if value is not None:
+        moe_options({"expert_cache": 1.0, name: value})
+    return (*((k, v) for k, v in current if k != name), (name, value))
 
 
 def _flag(value: Any) -> bool:

@@ -81,6 +81,9 @@ OPERATIONAL_OPTIONS: frozenset[str] = frozenset(
         "connect_timeout", "enforce_eager", "gpu_memory_utilization", "idle_timeout",
         "kv_cache_space_gb", "max_backoff", "max_retries", "max_retry_after", "request_log",
         "rpm", "socket_path", "startup_timeout", "threads", "timeout", "tpm", "base_url",
+        # where a mixture-of-experts model's experts live and how they are fetched
+        # (llmsql.moe.options.OPTION_NAMES): the same computation, the same answers
+        "expert_cache", "moe_plan", "predictor", "lookahead", "moe_profile",
     }
 )
 """Spec options left out of :func:`model_key`; every other option is part of the identity."""

@@ -1,5 +1,6 @@
-"""The ``llmsql`` command: ``run``, ``explain`` and ``serve`` (thin: builds a Session or a
-server, prints results).
+"""The ``llmsql`` command: ``run``, ``explain``, ``serve`` and ``moe-profile`` (thin: builds a
+Session or a server, prints results; the expert offload flags and ``moe-profile`` are
+:mod:`llmsql.cli_moe`).
 
 Exit codes: 0 success, 1 an llmsql error (message on stderr, no traceback unless
 ``--debug``), 2 bad usage, 130 interrupted. No output file is written unless the query
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmsql.cli_moe import add_moe_flags, add_profile_command, cmd_profile, moe_flag_options
 from llmsql.errors import ConfigError, LLMSQLError, QueryInterrupted
 
 if TYPE_CHECKING:
@@ -57,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                      "rate instead of as if every row passed (default 0: no model)")
     _serve_args(sub.add_parser("serve", help="serve a local model over an OpenAI-compatible "
                                "HTTP API (chat completions, completions, models)"))
+    add_profile_command(sub)
     return ap
 
 
@@ -77,6 +80,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prompt-tokens-details", action="store_true",
                    help="leave cached tokens out of each answer's usage (as vLLM's server does "
                    "without --enable-prompt-tokens-details)")
+    add_moe_flags(p)
 
 
 def _query_args(p: argparse.ArgumentParser) -> None:
@@ -110,6 +114,7 @@ def _query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
                    help="an llmsql setting, as SET llmsql.NAME = VALUE, e.g. max_calls=1000, "
                    "max_cost_usd=2.5 (repeatable)")
+    add_moe_flags(p)
 
 
 def _query_text(args: argparse.Namespace) -> str:
@@ -157,7 +162,7 @@ def _session(args: argparse.Namespace, *, dry_run: bool = False,
              progress: bool | None = None) -> Session:
     import llmsql
 
-    options: dict[str, Any] = dict(_options(args.option))
+    options: dict[str, Any] = {**_options(args.option), **moe_flag_options(args)}
     for key in ("base_url", "api_key_env"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
@@ -395,6 +400,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
     from llmsql.backends import BackendSpec, default_backend_kind, get_backend
+    from llmsql.backends.moe_glue import moe_backend_options
     from llmsql.backends.openai_compat import Secret
     from llmsql.server import LLMServer, ServeConfig
 
@@ -413,8 +419,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                          aliases=tuple(a for a in (args.model,) if a and a != name),
                          max_batch=args.max_batch, request_log=args.request_log, api_key=key,
                          prompt_tokens_details=not args.no_prompt_tokens_details)
-    backend = get_backend(BackendSpec.make(args.backend or default_backend_kind(), args.model,
-                                           **_options(args.option)))
+    kind = args.backend or default_backend_kind()
+    options = {**_options(args.option), **moe_flag_options(args)}
+    moe_backend_options(kind, options)  # MoE options: a clear error before anything loads
+    backend = get_backend(BackendSpec.make(kind, args.model, **options))
     try:
         server = LLMServer(backend, config)
     except OSError as exc:
@@ -494,7 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_known_warnings()
     try:
-        commands = {"run": _cmd_run, "explain": _cmd_explain, "serve": _cmd_serve}
+        commands = {"run": _cmd_run, "explain": _cmd_explain, "serve": _cmd_serve,
+                    "moe-profile": cmd_profile}
         return commands[args.command](args)
     except (QueryInterrupted, KeyboardInterrupt) as exc:
         print(f"llmsql: {exc or 'interrupted'}", file=sys.stderr)

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from llmsql.backends import BACKENDS, LLMBackend
+from llmsql.backends import BACKENDS, LLMBackend, moe_glue
 from llmsql.budget import Budget, OnError, Price, Settings, apply_setting
 from llmsql.cache import default_cache_path
 from llmsql.errors import ConfigError
@@ -81,7 +81,9 @@ class SessionConfig:
     USD per million tokens, or ``{"input": x, "output": y}``, kept as :class:`Price`."""
     backend_options: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
     """Backend settings, e.g. ``max_model_len``; for ``openai``: ``base_url``,
-    ``api_key_env``, ``concurrency``... (kept as a read-only copy)."""
+    ``api_key_env``, ``concurrency``...; for ``transformers``, expert offload:
+    ``expert_cache``, ``moe_plan``, ``predictor``, ``lookahead``, ``moe_profile`` (checked
+    here, see :mod:`llmsql.moe.options`) (kept as a read-only copy)."""
 
     def __post_init__(self) -> None:
         _check_backend(self.backend)
@@ -101,6 +103,7 @@ class SessionConfig:
         _set(self, "budget", settings.budget)
         _set(self, "prices", _prices(self.prices))
         _set(self, "backend_options", _options(self.backend_options))
+        check_moe(self.backend, self.model, self.backend_options)
 
     @property
     def settings(self) -> Settings:
@@ -191,6 +194,25 @@ def _options(options: Any) -> Mapping[str, Any]:
         )
         raise ConfigError(msg)
     return MappingProxyType(dict(options))
+
+
+def check_moe(backend: str | LLMBackend | None, model: str | os.PathLike[str] | None,
+              options: Mapping[str, Any], /, *, complete: bool = True) -> None:
+    """Check the expert offload options among ``options`` (:mod:`llmsql.moe.options`) for
+    ``backend`` (None: not known yet, the values alone) and, when its folder is on disk,
+    ``model`` (a dense model, or a cache smaller than one layer's top-k, fails here).
+
+    Raises:
+        ConfigError: as :func:`llmsql.backends.moe_glue.moe_backend_options` and
+            :func:`~llmsql.backends.moe_glue.check_model`.
+    """
+    if not moe_glue.given_options(options):
+        return
+    kind = backend if isinstance(backend, str) or backend is None else getattr(
+        backend, "name", "custom")
+    moe_glue.moe_backend_options(kind or "transformers", options, complete=complete)
+    if options.get("expert_cache") is not None:
+        moe_glue.check_model(None if model is None else os.fspath(model), options)
 
 
 def resolve_cache_path(config: SessionConfig, /) -> Path | None:

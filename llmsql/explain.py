@@ -183,6 +183,10 @@ class CallEstimate:
     """How the output tokens were estimated."""
     templated: bool = False
     """Whether the prompt tokens include the chat template."""
+    moe: str | None = None
+    """With expert offload: the plan the cost model chooses for the call, its GPU bytes for
+    experts, expected hit rate and bytes moved per token
+    (:meth:`llmsql.moe.plan.PlanEstimate.describe`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +239,7 @@ def _cost_lines(e: CallEstimate) -> list[str]:
         f"({_pct(c.cached_tokens_table_order, c.prompt_tokens)}) in table order",
         f"    expected output tokens: {c.output_tokens:,} ({e.output_basis})",
         f"    estimated GPU-seconds: {c.gpu_seconds:,.2f}{money}",
+        *(f"    {e.moe}" for _ in [0] if e.moe),
     ]
 
 
@@ -257,6 +262,7 @@ def _measured_lines(s: CallStats) -> list[str]:
         *(f"    {s.null_answers} answers unparseable -> NULL" for _ in [0] if s.null_answers),
         *(f"    {s.failed} calls failed -> NULL" for _ in [0] if s.failed),
         *(f"    {n} answered from the result cache" for n in [getattr(s, "from_cache", 0)] if n),
+        *(f"    {line}" for line in [getattr(s, "moe", None)] if line),
         *(f"    NULL because {e.kind}: {e.reason}" for e in getattr(s, "errors", [])[:5]),
     ]
 

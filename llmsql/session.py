@@ -41,14 +41,16 @@ from llmsql.backends import (
     get_backend,
 )
 from llmsql.backends.dry_run import AnswerSample, DryRunBackend
+from llmsql.backends.moe_glue import moe_backend_options, plan_line
 from llmsql.backends.profile import send_profile
 from llmsql.budget import Budget, BudgetMeter, Price, Settings, apply_setting
 from llmsql.cache import LazyBackend, ResultCache
-from llmsql.config import SessionConfig, resolve_backend_options, resolve_cache_path
+from llmsql.config import SessionConfig, check_moe, resolve_backend_options, resolve_cache_path
 from llmsql.errors import ConfigError
 from llmsql.executors import Executor, make_executor
 from llmsql.explain import CallEstimate, FilterSample, TokenCounter, estimate_call
 from llmsql.explain import render as render_explain
+from llmsql.moe.options import OPTION_NAMES
 from llmsql.optimizer import PlanContext, PredicateSample, RuleContext, optimize_plan
 from llmsql.optimizer.cost import CostModel
 from llmsql.parse import parse
@@ -162,6 +164,7 @@ class Session:
         self._cache: ResultCache | None = None
         self._lazy: dict[str | None, LazyBackend] = {}
         self._options = resolve_backend_options(self._kind, config.backend_options)
+        moe_backend_options(self._kind, self._options)  # the default kind is known only now
 
     @property
     def config(self) -> SessionConfig:
@@ -195,7 +198,14 @@ class Session:
 
     def spec(self, model: str | None = None) -> BackendSpec:
         """The backend spec used for ``model`` (None: the session's model)."""
-        return BackendSpec.make(self._kind, model or self._model, **self._options)
+        return BackendSpec.make(self._kind, model or self._model, **self._backend_options())
+
+    def _backend_options(self, settings: Settings | None = None) -> dict[str, Any]:
+        """The backend options: the config's, with the expert offload options of ``settings``
+        (``SET llmsql.*``; default: the session's) over them (a NULL one removed).
+        """
+        options = {**self._options, **dict((settings or self._settings).moe)}
+        return {k: v for k, v in options.items() if v is not None or k not in OPTION_NAMES}
 
     def backend(self, model: str | None = None) -> LLMBackend:
         """The backend for ``model``, built on first use."""
@@ -232,12 +242,30 @@ class Session:
         return self._settings
 
     def set(self, name: str, value: Any, /) -> None:
-        """Same as ``SET llmsql.<name> = <value>`` (None clears a budget).
+        """Same as ``SET llmsql.<name> = <value>`` (None clears a budget or an expert
+        offload option). A change of the expert offload options (``expert_cache``,
+        ``moe_plan``, ``predictor``, ``lookahead``, ``moe_profile``) closes the backends
+        built so far: the next query loads the model with them.
 
         Raises:
             ConfigError: an unknown setting or a bad value.
         """
-        self._settings = apply_setting(self._settings, name, value)
+        settings = apply_setting(self._settings, name, value)
+        before, after = self._backend_options(), self._backend_options(settings)
+        if after != before:
+            check_moe(self._kind, self._model, after, complete=False)
+        self._settings = settings
+        if after != before:
+            self._drop_backends()  # the model loads again with the new offload options
+
+    def _drop_backends(self) -> None:
+        """Close the backends built so far; the next query builds them from the current
+        spec.
+        """
+        for b in self._backends.values():
+            b.close()
+        self._backends.clear()
+        self._lazy.clear()
 
     def last_errors(self) -> tuple[CallError, ...]:
         """Why rows of the last query are NULL: failed requests and unparseable answers."""
@@ -320,11 +348,7 @@ class Session:
             answers, samples = self._answer_sample(batches, sample, where)
             if samples:
                 result, plans, batches, sent = self._explain_run(query, False, answers)
-        estimates = tuple(
-            estimate_call(b, rows, self._explain_counter(b.call.options.model, analyze),
-                          self._cost_model, send_profile(self.spec(b.call.options.model)))
-            for b, rows in batches
-        )
+        estimates = tuple(self._estimate(b, rows, analyze) for b, rows in batches)
         text = render_explain(plans, result.stats.calls, estimates, model=self._cost_model,
                               analyze=analyze, samples=samples)
         out = Explain(text, tuple(sent), result if analyze else None, plans=tuple(plans),
@@ -333,6 +357,18 @@ class Session:
         if prompts is not None:
             out.write_prompts(prompts)
         return out
+
+    def _estimate(self, batch: PromptBatch, rows: tuple[int, ...], analyze: bool
+                  ) -> CallEstimate:
+        """EXPLAIN's figures for one call: tokens and cost, and with expert offload the plan
+        the cost model chooses for it (:func:`llmsql.backends.moe_glue.plan_line`).
+        """
+        model = batch.call.options.model
+        spec = self.spec(model)
+        est = estimate_call(batch, rows, self._explain_counter(model, analyze),
+                            self._cost_model, send_profile(spec))
+        line = plan_line(spec, rows=len(rows), prompt_tokens=est.cost.prompt_tokens)
+        return dataclasses.replace(est, moe=line) if line is not None else est
 
     def _explain_run(
         self, query: str, analyze: bool, answers: AnswerSample | None
@@ -595,7 +631,13 @@ def connect(
             ``(input, output)`` USD per million tokens, for ``max_cost_usd``.
         **backend_options: backend settings, e.g. ``max_model_len=2048``; for ``openai``:
             ``base_url``, ``api_key_env``, ``concurrency``, ``timeout``, ``max_retries``,
-            ``rpm``, ``tpm`` (see :mod:`llmsql.backends.openai_compat`).
+            ``rpm``, ``tpm`` (see :mod:`llmsql.backends.openai_compat`); for
+            ``transformers`` with a mixture-of-experts model, expert offload:
+            ``expert_cache`` (GPU memory for experts: ``"24GB"`` or a share such as 0.4),
+            ``moe_plan`` (``auto``, ``predictive``, ``layer_sweep``, ``lru``), ``predictor``
+            (``auto``, ``learned``, ``next_router``, ``none``), ``lookahead`` (layers
+            ahead, 2) and ``moe_profile`` (a routing profile file); also ``SET
+            llmsql.expert_cache = '24GB'`` etc. (see :mod:`llmsql.moe.options`).
 
     Raises:
         ConfigError: an unknown backend or a bad setting.

@@ -66,6 +66,9 @@ class CallStats:
     """Prompts answered by the persistent result cache (not sent, not paid)."""
     errors: list[CallError] = field(default_factory=list)
     """Failed and unparseable rows with reasons (the first ``MAX_ERRORS_KEPT``)."""
+    moe: str | None = None
+    """What expert offload measured during the call (EXPLAIN ANALYZE's line,
+    :meth:`llmsql.moe.plan.OffloadStats.describe`); None without offload."""
 
     @property
     def cached_unknown(self) -> bool:

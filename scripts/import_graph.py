@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                      "llmsql.progress_notebook")),
     ("language", ("llmsql.dialect", "llmsql.parse", "llmsql.udfs")),
     ("plan", ("llmsql.plan", "llmsql.planner")),
-    ("engine", ("llmsql.models", "llmsql.engine")),
+    ("engine", ("llmsql.models", "llmsql.moe", "llmsql.engine")),
     ("backends", ("llmsql.backends", "llmsql.tokens")),
     ("services", ("llmsql.stats", "llmsql.cache", "llmsql.budget", "llmsql.progress",
                   "llmsql.config")),

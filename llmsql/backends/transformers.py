@@ -44,9 +44,11 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
+from llmsql.backends import moe_glue
 from llmsql.backends.base import BackendSpec, Capabilities, Request, Response
 from llmsql.errors import BackendError, ConfigError
 from llmsql.models import model_max_len, resolve_model
+from llmsql.moe.options import OPTION_NAMES
 
 if TYPE_CHECKING:
     import pathlib
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
 
     from llmsql.backends.grammar import TokenGrammar
     from llmsql.engine import Engine, Generated, Job, Scored
+    from llmsql.moe.plan import OffloadStats
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +70,11 @@ OPTIONS: tuple[str, ...] = (
     "invariance_margin",
     "max_model_len",
     "threads",
+    *OPTION_NAMES,
 )
-"""The spec options this backend uses; keys outside these and WORKER_OPTIONS are rejected."""
+"""The spec options this backend uses; keys outside these and WORKER_OPTIONS are rejected.
+``expert_cache``, ``moe_plan``, ``predictor``, ``lookahead`` and ``moe_profile`` offload a
+mixture-of-experts model's experts (:mod:`llmsql.moe.options`)."""
 
 WORKER_OPTIONS: tuple[str, ...] = ("idle_timeout", "socket_path", "startup_timeout")
 """Client-side options of :mod:`llmsql.backends.worker` (its ``CLIENT_OPTIONS``): a worker
@@ -87,7 +93,10 @@ class TransformersBackend:
     (``"auto"``: float32 on the CPU, bfloat16 on a GPU), ``batch_size`` (16),
     ``max_model_len`` (the model's, at most 8192), ``threads`` (torch CPU threads),
     ``cache_dir`` (where the embedded model is converted), ``invariance_margin`` (see
-    *Batch invariance* in the module docstring; 0 turns the guard off).
+    *Batch invariance* in the module docstring; 0 turns the guard off); ``expert_cache``
+    (with ``moe_plan``, ``predictor``, ``lookahead``, ``moe_profile``): run a
+    mixture-of-experts model with its experts in host memory and a GPU cache of this size
+    (:mod:`llmsql.backends.moe_glue`).
 
     ``engine`` is the :class:`llmsql.engine.Engine` that runs the model (attach a step timer
     to it to measure).
@@ -123,6 +132,8 @@ class TransformersBackend:
         )
         self._device, self._dtype_name = _pick_device(spec)
         self._margin = _margin(spec, self._dtype_name, self._device)
+        self._moe = moe_glue.moe_backend_options(self.name, dict(spec.options))
+        self._offload: Any = None  # the engine's ExpertOffload with MoE options
         self._engine: Engine | None = None
         self._grammars: dict[str, TokenGrammar] = {}
         self._vocabulary: Any = None
@@ -131,13 +142,16 @@ class TransformersBackend:
 
     # ----------------------------------------------------------------- loading
     def _load(self, threads: object) -> None:
-        from llmsql.engine import Engine, load_model, load_tokenizer, pad_id, set_threads, stop_ids
+        from llmsql.engine import Engine, load_tokenizer, pad_id, set_threads, stop_ids
 
         if threads is not None:
             set_threads(_as_positive(threads, "threads"))
         try:
             self._tokenizer: PreTrainedTokenizerBase = load_tokenizer(self._path)
-            model = load_model(self._path, device=self._device, dtype=self._dtype_name)
+            model, self._offload = moe_glue.load_model(
+                self._path, self._moe, device=self._device, dtype=self._dtype_name)
+        except ConfigError:  # a model that cannot take the MoE options: the user's to fix
+            raise
         except Exception as exc:  # boundary: wrap whatever transformers raises
             msg = (
                 f"loading the model at {self._path} failed: {exc}; check that the folder "
@@ -149,7 +163,6 @@ class TransformersBackend:
             model, eos=self._eos, pad=pad_id(self._tokenizer, self._eos), device=self._device,
             batch_size=self._batch_size, margin=self._margin,
         )
-        self._templated = getattr(self._tokenizer, "chat_template", None) is not None
         self._id = _model_id(self._path)
         logger.info("loaded %s on %s (%s)", self._path, self._device, model.dtype)
 
@@ -164,6 +177,10 @@ class TransformersBackend:
             msg = "the transformers backend is closed; build a new one"
             raise BackendError(msg, backend=self.name)
         return self._engine
+
+    def moe_stats(self) -> OffloadStats | None:
+        """What expert offload measured since the model loaded (None without it)."""
+        return self._offload.stats() if self._offload is not None else None
 
     @property
     def canonical_reruns(self) -> int:
@@ -219,6 +236,9 @@ class TransformersBackend:
             if self._engine is None:
                 return
             self._engine = None
+            if self._offload is not None:
+                self._offload.close()
+                self._offload = None
         gc.collect()
         if self._device.startswith("cuda"):
             import torch
@@ -227,12 +247,7 @@ class TransformersBackend:
 
     # ---------------------------------------------------------------- encoding
     def _token_ids(self, prompt: str) -> list[int]:
-        if not self._templated:
-            return list(self._tokenizer(prompt).input_ids)
-        text = self._tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-        return list(self._tokenizer(text, add_special_tokens=False).input_ids)
+        return prompt_ids(self._tokenizer, prompt)
 
     def _encode(self, index: int, request: Request) -> Job:
         """The engine job of ``request`` (which must be runnable) at ``index`` in its batch."""
@@ -327,6 +342,19 @@ class TransformersBackend:
             cached_tokens=result.cached_tokens, output_tokens=len(job.choices[best]),
             choice_probs=probs,
         )
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, /) -> list[int]:
+    """The token ids this backend runs for ``prompt``: one user message in the tokenizer's
+    chat template plus the generation prompt (as written, with special tokens, without a
+    template). ``llmsql moe-profile`` records routing on exactly these.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        return list(tokenizer(prompt).input_ids)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
 def _has_grammar_library() -> bool:

@@ -36,6 +36,7 @@ from llmsql.errors import (
 from llmsql.optimizer import RuleContext, optimize
 from llmsql.plan import ARG_PREFIX, RESULT_COL, LLMCall, PromptBatch
 from llmsql.stats import MAX_ERRORS_KEPT, CallError, CallStats
+from llmsql.step.offload import offload_line, offload_stats
 from llmsql.udfs.base import Parsed, Volatility, choice_probs_text
 from llmsql.udfs.prompts import render_value
 
@@ -551,6 +552,7 @@ def run_scalar(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Tab
     backend = env.backend_for(call.options.model) if inputs.num_rows else None
     results: list[Any] = []
     if backend is not None:
+        offloaded = offload_stats(backend)
         batch, trace = optimize(bind(call, inputs), env.rule_ctx(backend))
         stats.notes = batch.notes
         stats.rule_seconds = tuple((t.rule, t.seconds) for t in trace)
@@ -593,6 +595,7 @@ def run_scalar(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Tab
                 call, prompts[lo:hi], [b - lo for b in bounds if lo <= b < hi], backend, env,
                 stats, ahead), strict=True))
         stats.generate_seconds = time.perf_counter() - t0
+        stats.moe = offload_line(backend, offloaded)
         env.known.update((keys[i], answers[i]) for i in order if i in answers)
         stats.true_answers = sum(1 for i in order if answers.get(i) is True)
         rep = batch.rep or tuple(range(batch.n_rows))

@@ -1,0 +1,429 @@
+"""Expert offload: experts in host memory, a cache of expert slots on the GPU, prefetching.
+
+After ProMoE (Song et al.): each MoE layer's fused ``experts`` module is replaced by an
+:class:`OffloadedExperts` that computes with slots of one shared GPU pool
+(``gate_up[S, 2I, H]``, ``down[S, H, I]``); the experts themselves stay in (pinned) host
+memory, one contiguous slab per layer. An :class:`ExpertOffload` runtime owns the pool, the
+slot table (:mod:`~llmsql.engine.moe.cache`), a copy thread with its own CUDA stream, the
+predictor and the measurements.
+
+The mechanism, per MoE layer call:
+
+1. The router has spoken: the layer's needed experts are known. Queued prefetches for this
+   layer that it does not need are dropped (early preemption); needed experts that are not
+   resident are queued *on demand*, ahead of every prefetch.
+2. The predictor looks ahead (``lookahead`` layers) and queues prefetches, best first.
+3. Experts compute as they become ready, resident ones first (reordered inference), each
+   waiting on its copy's CUDA event; a slot is pinned while its expert computes and a CUDA
+   event records its last use, so no copy overwrites it early.
+
+The copy thread issues copies in chunks (``chunk_bytes``), at most two in flight, and checks
+for on-demand work between chunks: a miss overtakes a prefetch half-way (chunked prefetch).
+
+Plans (:data:`llmsql.moe.options.PLANS`): ``lru`` loads on misses only, LRU eviction;
+``predictive`` prefetches from the predictor, cyclic (Belady) eviction; ``layer_sweep``
+prefetches every expert of the next layer, cyclic eviction, so the experts that stay are a
+fixed set and the rest stream once per step; ``auto`` picks per step from
+:func:`llmsql.moe.plan.choose_plan` with the step's token count and the prefetch accuracy
+measured so far.
+
+On a CPU the same code runs with synchronous copies (tests check it against the stock
+modules); on a GPU the copies overlap compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from llmsql.engine.moe.cache import Key, SlotTable
+from llmsql.engine.moe.predictors import NoPredictor, Predictor
+from llmsql.moe.plan import (
+    NEXT_ROUTER_PRIOR,
+    Hardware,
+    MoEShape,
+    OffloadStats,
+    PlanEstimate,
+    check_slots,
+    choose_plan,
+    slots_for,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from llmsql.moe.options import MoEOptions
+
+CHUNK_BYTES = 16 * 2**20
+"""Copy granularity: a miss overtakes a prefetch at a chunk boundary."""
+
+IN_FLIGHT = 4
+"""Chunks queued on the copy stream at once: enough to keep the link busy while the copy
+thread waits for the interpreter lock, few enough that a miss waits behind little."""
+
+SWITCH_INTERVAL_S = 2e-4
+"""The interpreter's thread switch interval while a GPU offload runs (Python's default, 5 ms,
+would leave the copy thread waiting for the lock for longer than a chunk takes to copy)."""
+
+@dataclass
+class _Load:
+    key: Key
+    slot: int
+    demand: bool
+    next_chunk: int = 0
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    event: Any = None
+    """The CUDA event recorded after the last chunk (None on the CPU)."""
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self.stats = OffloadStats()
+        self.plans: dict[str, int] = {}
+
+    def add(self, **kw: float) -> None:
+        self.stats = dataclasses.replace(
+            self.stats, **{k: getattr(self.stats, k) + v for k, v in kw.items()})
+
+    def snapshot(self) -> OffloadStats:
+        return dataclasses.replace(self.stats, plans=tuple(sorted(self.plans.items())))
+
+
+class ExpertOffload:
+    """The runtime shared by every :class:`OffloadedExperts` of one model."""
+
+    def __init__(self, shape: MoEShape, options: MoEOptions, *, layers: tuple[int, ...],
+                 host: dict[int, tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                 predictor: Predictor, act: Callable[[torch.Tensor], torch.Tensor],
+                 hardware: Hardware | None = None, accuracy: float = NEXT_ROUTER_PRIOR,
+                 chunk_bytes: int = CHUNK_BYTES) -> None:
+        self.shape, self.options, self.layers = shape, options, layers
+        self.host, self.device, self.predictor, self.act = host, device, predictor, act
+        self.slots = slots_for(shape, options.expert_cache)
+        check_slots(shape, self.slots, options.expert_cache)
+        self.hardware = hardware or Hardware()
+        self.prior_accuracy = accuracy
+        self.chunk_bytes = chunk_bytes
+        gate_up, down = host[layers[0]]
+        self.pool = (torch.empty((self.slots, *gate_up.shape[1:]), dtype=gate_up.dtype,
+                                 device=device),
+                     torch.empty((self.slots, *down.shape[1:]), dtype=down.dtype,
+                                 device=device))
+        self.table = SlotTable(self.slots, layers=layers, policy="lru")
+        self.plan = "lru" if options.plan == "auto" else options.plan
+        self.route_log: list[tuple[int, tuple[int, ...]]] | None = None
+        self._counters = _Counters()
+        self._cuda = device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(device) if self._cuda else None
+        self._last_use: dict[int, Any] = {}
+        self._inflight: deque[Any] = deque()
+        if self._cuda:
+            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        self._loads: dict[Key, _Load] = {}
+        self._demand: deque[_Load] = deque()
+        self._prefetch: deque[_Load] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._copier, name="llmsql-expert-copy",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- per step -------------------------------------------------------------------------
+
+    def begin_step(self, tokens: int) -> None:
+        """The first MoE layer of a forward pass: pick the plan for this step."""
+        if self.options.plan == "auto":
+            self.plan = self.estimate(tokens).plan
+            if self.plan == "all_resident":
+                self.plan = "layer_sweep"
+        policy = "lru" if self.plan == "lru" else "cyclic"
+        self.table.policy = policy
+        self._counters.plans[self.plan] = self._counters.plans.get(self.plan, 0) + 1
+        self._counters.add(steps=1, tokens=tokens)
+
+    def estimate(self, tokens: int) -> PlanEstimate:
+        """The cost model's plan for a step of ``tokens`` tokens, with the accuracy measured
+        so far (the prior until 64 prefetches have been judged).
+        """
+        return choose_plan(self.shape, slots=self.slots, tokens=tokens, hw=self.hardware,
+                           accuracy=self.accuracy(), lookahead=self.options.lookahead,
+                           plan=self.options.plan)
+
+    def accuracy(self) -> float:
+        """The prefetch precision measured so far (the prior until 64 prefetches)."""
+        s = self._counters.stats
+        if isinstance(self.predictor, NoPredictor):
+            return 0.0
+        if s.prefetched < 64:
+            return self.prior_accuracy
+        return s.prefetch_used / s.prefetched
+
+    # -- the layer call -------------------------------------------------------------------
+
+    def run_layer(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                  top_k_weights: torch.Tensor) -> torch.Tensor:
+        """What :class:`OffloadedExperts` does (see the module docstring)."""
+        if layer == self.layers[0]:
+            self.begin_step(int(hidden.shape[0]))
+        self.table.now(layer)
+        needed = [int(e) for e in torch.unique(top_k_index).tolist()]
+        if self.route_log is not None:
+            self.route_log.append((layer, tuple(needed)))
+        self._drop_wrong(layer, set(needed))
+        self._count_hits(layer, needed)
+        waiting = [e for e in needed if self.table.lookup((layer, e)) is None]
+        self._lookahead(layer, hidden, top_k_index)
+        return self._compute(layer, hidden, top_k_index, top_k_weights, needed, waiting)
+
+    def _count_hits(self, layer: int, needed: list[int]) -> None:
+        hits = sum(self.table.lookup((layer, e)) is not None for e in needed)
+        used = 0
+        for e in needed:
+            load = self._loads.get((layer, e))
+            if load is not None and not load.demand and not getattr(load, "counted", False):
+                load.counted = True  # type: ignore[attr-defined]
+                used += 1
+        self._counters.add(needed=len(needed), hits=hits, prefetch_used=used)
+
+    def _drop_wrong(self, layer: int, needed: set[int]) -> None:
+        """Early preemption: cancel queued prefetches of this layer it does not need."""
+        with self._cv:
+            for load in list(self._prefetch):
+                if load.key[0] == layer and load.key[1] not in needed and self.table.cancel(
+                        load.key):
+                    load.cancelled = True
+                    self._prefetch.remove(load)
+                    self._loads.pop(load.key, None)
+
+    def _lookahead(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
+        if self.plan == "lru":
+            return
+        if self.plan == "layer_sweep":
+            ahead = self._next_layers(layer, 1)
+            wanted = [(later, e) for later in ahead for e in range(self.shape.experts)]
+        else:
+            scores = self.predictor.predict(layer, hidden, top_k_index,
+                                            self.options.lookahead)
+            wanted = []
+            for later in sorted(scores):
+                s = scores[later].float().cpu()
+                order = torch.argsort(s, descending=True, stable=True).tolist()
+                wanted += [(later, int(e)) for e in order if s[e] >= 0.5]
+        for key in wanted:
+            if self.table.lookup(key) is None and not self._queue(key, demand=False):
+                break  # no slot that is needed later than this one: stop
+
+    def _next_layers(self, layer: int, count: int) -> list[int]:
+        i = self.layers.index(layer)
+        return [self.layers[(i + j) % len(self.layers)] for j in range(1, count + 1)]
+
+    def _queue(self, key: Key, *, demand: bool) -> bool:
+        got = self.table.reserve(key, prefetch=not demand)
+        if got is None:
+            return False
+        slot, evicted = got
+        load = _Load(key=key, slot=slot, demand=demand)
+        with self._cv:
+            if evicted is not None:
+                self._loads.pop(evicted, None)
+            self._loads[key] = load
+            (self._demand if demand else self._prefetch).append(load)
+            self._cv.notify()
+        if not demand:
+            self._counters.add(prefetched=1)
+        return True
+
+    def _compute(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor, needed: list[int], waiting: list[int]
+                 ) -> torch.Tensor:
+        out = torch.zeros_like(hidden)
+        todo = list(needed)
+        while todo:
+            self._demand_missing(layer, todo)
+            ready = [e for e in todo if self._is_ready((layer, e))]
+            if not ready:
+                ready = [self._wait_any(layer, todo)]
+            for e in ready:
+                self._expert(layer, e, hidden, top_k_index, top_k_weights, out)
+                todo.remove(e)
+        del waiting
+        return out
+
+    def _demand_missing(self, layer: int, todo: list[int]) -> None:
+        for e in todo:
+            key = (layer, e)
+            if self.table.lookup(key) is None:
+                self._queue(key, demand=True)  # may fail while all slots are pinned
+            else:
+                self._promote(key)
+
+    def _promote(self, key: Key) -> None:
+        """A queued prefetch the layer now needs goes to the front (it is a miss now)."""
+        with self._cv:
+            load = self._loads.get(key)
+            if load is not None and not load.demand and load in self._prefetch:
+                self._prefetch.remove(load)
+                load.demand = True
+                self._demand.appendleft(load)
+                self._cv.notify()
+
+    def _is_ready(self, key: Key) -> bool:
+        load = self._loads.get(key)
+        slot = self.table.lookup(key)
+        return slot is not None and (load is None or load.done.is_set())
+
+    def _wait_any(self, layer: int, todo: list[int]) -> int:
+        start = time.perf_counter()
+        while True:
+            for e in todo:
+                load = self._loads.get((layer, e))
+                if self.table.lookup((layer, e)) is not None and load is not None:
+                    load.done.wait()
+                    self._counters.add(wait_seconds=time.perf_counter() - start)
+                    return e
+            # nothing of ours is queued (every slot pinned by us): wait for a slot
+            self._demand_missing(layer, todo)
+            time.sleep(0)
+
+    def _expert(self, layer: int, e: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor, out: torch.Tensor) -> None:
+        key = (layer, e)
+        slot = self.table.lookup(key)
+        assert slot is not None
+        self.table.pin(slot)
+        try:
+            load = self._loads.pop(key, None)
+            if load is not None and load.event is not None:
+                torch.cuda.current_stream(self.device).wait_event(load.event)
+            tok, pos = torch.where(top_k_index == e)
+            x = hidden[tok]
+            gate, up = nn.functional.linear(x, self.pool[0][slot]).chunk(2, dim=-1)
+            y = nn.functional.linear(self.act(gate) * up, self.pool[1][slot])
+            y = y * top_k_weights[tok, pos, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+            if self._cuda:
+                ev = torch.cuda.Event()
+                ev.record(torch.cuda.current_stream(self.device))
+                self._last_use[slot] = ev
+        finally:
+            self.table.unpin(slot)
+
+    # -- the copy thread ------------------------------------------------------------------
+
+    def _copier(self) -> None:
+        if self._cuda:
+            torch.cuda.set_device(self.device)
+        while True:
+            with self._cv:
+                while not self._demand and not self._prefetch and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                load = self._demand[0] if self._demand else self._prefetch[0]
+            finished = self._copy_some(load)
+            with self._cv:
+                if finished or load.cancelled:
+                    for q in (self._demand, self._prefetch):
+                        if load in q:
+                            q.remove(load)
+
+    def _copy_some(self, load: _Load) -> bool:
+        """Copy ``load``'s chunks until done, or until on-demand work arrives (a prefetch
+        yields); True when it is done. At most :data:`IN_FLIGHT` chunks are queued on the
+        copy stream at a time, so a miss waits behind little.
+        """
+        layer, e = load.key
+        gate_up, down = self.host[layer]
+        parts = [(self.pool[0][load.slot], gate_up[e]), (self.pool[1][load.slot], down[e])]
+        chunks = [(d, s, a, b) for d, s in parts
+                  for a, b in _spans(s.numel() * s.element_size(), self.chunk_bytes,
+                                     s.shape[0])]
+        ev = None
+        while load.next_chunk < len(chunks):
+            if load.cancelled:
+                return False
+            if not load.demand and self._demand:
+                return False  # a miss overtakes this prefetch
+            while len(self._inflight) >= IN_FLIGHT:
+                self._inflight.popleft().synchronize()
+            dst, src, a, b = chunks[load.next_chunk]
+            ev = self._issue(load, dst[a:b], src[a:b], first=load.next_chunk == 0)
+            if ev is not None:
+                self._inflight.append(ev)
+            load.next_chunk += 1
+            self._counters.add(bytes_h2d=(b - a) * src[0].numel() * src.element_size())
+        load.event = ev
+        self.table.mark_ready(load.slot)
+        load.done.set()
+        return True
+
+    def _issue(self, load: _Load, dst: torch.Tensor, src: torch.Tensor, *, first: bool
+               ) -> Any:
+        if not self._cuda:
+            dst.copy_(src)
+            return None
+        with torch.cuda.stream(self._copy_stream):
+            if first and load.slot in self._last_use:
+                self._copy_stream.wait_event(self._last_use.pop(load.slot))
+            dst.copy_(src, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self._copy_stream)
+        return ev
+
+    # -- measurements and life cycle ------------------------------------------------------
+
+    def stats(self) -> OffloadStats:
+        """What was measured since the start or the last :meth:`reset_stats`."""
+        return self._counters.snapshot()
+
+    def reset_stats(self) -> None:
+        """Start measuring afresh."""
+        self._counters = _Counters()
+
+    def describe(self) -> str:
+        """One line for logs and EXPLAIN."""
+        gib = self.slots * self.shape.expert_bytes / 2**30
+        return (f"expert offload: {self.slots}/{self.shape.total_experts} experts on "
+                f"{self.device} ({gib:.1f} GiB), plan {self.options.plan}, predictor "
+                f"{self.predictor.name}, lookahead {self.options.lookahead}")
+
+    def close(self) -> None:
+        """Stop the copy thread (the pool is freed with the object)."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=10)
+
+    def check(self) -> None:
+        """Bookkeeping invariants (tests): the table's, and no pinned slot left."""
+        self.table.check()
+
+
+def _spans(nbytes: int, chunk: int, rows: int) -> list[tuple[int, int]]:
+    """Row ranges of about ``chunk`` bytes covering ``rows`` rows of ``nbytes`` bytes."""
+    per = max(1, rows * chunk // max(nbytes, 1))
+    return [(a, min(a + per, rows)) for a in range(0, rows, per)]
+
+
+class OffloadedExperts(nn.Module):
+    """Drop-in for a fused ``*Experts`` module: same call, experts served by the runtime."""
+
+    def __init__(self, runtime: ExpertOffload, layer: int) -> None:
+        super().__init__()
+        self.runtime, self.layer = runtime, layer
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The stock module's call: the experts' weighted sum per token."""
+        return self.runtime.run_layer(self.layer, hidden_states, top_k_index, top_k_weights)
+
+
