@@ -59,6 +59,8 @@ CACHE_SHARE = 0.4
 PROMPT = 32
 STEPS = {1: 16, 8: 12, 256: 6}
 ERRORS = (0.0, 0.1, 0.2, 0.3, 0.5)
+QUICK_ERRORS = (0.0, 0.2, 0.5)
+BATCHES = (1, 8, 256)
 
 
 def configs() -> dict[str, Any]:
@@ -126,6 +128,18 @@ def h2d_rate() -> float:
     return 2**30 / sorted(times)[2]
 
 
+SAMPLE = False
+"""``--sample``: sample each next token (random weights under greedy decoding repeat one
+token, so every step routes alike and any cache hits; sampling keeps routing varied)."""
+
+
+def pick(logits: Any, gen: Any) -> Any:
+    if not SAMPLE:
+        return logits.argmax(-1, keepdim=True)
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probs, 1, generator=gen)
+
+
 def decode(model: Any, batch: int, steps: int, seed: int = 1,
            after_prefill: Any = None) -> dict[str, float]:
     """Prefill ``PROMPT`` tokens per row, then ``steps`` greedy decode steps
@@ -148,7 +162,7 @@ def decode(model: Any, batch: int, steps: int, seed: int = 1,
             t1 = time.perf_counter()
         for _ in range(steps):
             out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            nxt = pick(out.logits[:, -1], gen)
         sync()
         t2 = time.perf_counter()
     return {"prefill_s": t1 - t0, "prefill_tok_s": batch * PROMPT / (t1 - t0),
@@ -272,9 +286,9 @@ def speed(name: str, accuracy: float | None, quick: bool, out: Path) -> list[dic
     # all resident (upper bound); its batch-1 step time calibrates the per-layer overhead
     decode(model, 1, 2)
     resident = {}
-    for batch in STEPS:
+    for batch in [b for b in STEPS if b in BATCHES or b == 1]:
         resident[batch] = decode(model, batch, STEPS[batch])
-        emit({"run": "all_resident", "batch": batch, **resident[batch]})
+        emit({"run": "all_resident", "batch": batch, "sample": SAMPLE, **resident[batch]})
     layers = model.config.num_hidden_layers
     hw = Hardware(h2d_bytes_per_s=rate,
                   layer_overhead_s=resident[1]["decode_step_s"] / layers)
@@ -284,14 +298,16 @@ def speed(name: str, accuracy: float | None, quick: bool, out: Path) -> list[dic
     emit({"run": "check", **check(model, originals, slabs, hw, NextRouter(routers, top_k))})
     slots = slots_for(shape, CACHE_SHARE)
     for batch, steps in STEPS.items():
-        common = {"batch": batch, "steps": steps}
+        if batch not in BATCHES:
+            continue
+        common = {"batch": batch, "steps": steps, "sample": SAMPLE}
         row, log = run_offload(model, originals, slabs, hw, plan="lru",
                                predictor=NoPredictor(), batch=batch, steps=steps, log=True)
         emit({"run": "lru", **common, **row})
         row, _ = run_offload(model, originals, slabs, hw, plan="predictive",
                              predictor=NextRouter(routers, top_k), batch=batch, steps=steps)
         emit({"run": "predictive/next_router", **common, **row})
-        errors = list(ERRORS if batch < 256 else (0.0,))
+        errors = list((QUICK_ERRORS if quick else ERRORS) if batch < 256 else (0.0,))
         if accuracy is not None:
             errors.append(round(1 - accuracy, 3))
         for err in errors:
@@ -307,7 +323,7 @@ def speed(name: str, accuracy: float | None, quick: bool, out: Path) -> list[dic
         floor = pcie_floor_seconds(shape, slots=slots, tokens=batch, hw=hw)
         emit({"run": "auto", **common, **row, "floor_step_s": floor})
         acc_steps = 2 if quick else 4
-        emit({"run": "accelerate", "batch": batch, "steps": acc_steps,
+        emit({"run": "accelerate", "batch": batch, "steps": acc_steps, "sample": SAMPLE,
               **run_accelerate(model, originals, slabs, batch, acc_steps)})
     del model, originals, slabs
     torch.cuda.empty_cache()
@@ -358,13 +374,22 @@ def main() -> None:
                     help="the learned predictor's precision (else measured with --tiny)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: a check")
+    ap.add_argument("--sample", action="store_true", help="sample tokens instead of greedy")
+    ap.add_argument("--batches", default="1,8,256")
+    ap.add_argument("--errors", default=None, help="oracle error rates, e.g. 0,0.2")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    global DEVICE
+    global DEVICE, SAMPLE, BATCHES, QUICK_ERRORS
+    SAMPLE = args.sample
+    BATCHES = tuple(int(b) for b in args.batches.split(","))
+    if args.errors is not None:
+        QUICK_ERRORS = tuple(float(e) for e in args.errors.split(",") if e)
     if args.smoke:
         DEVICE = "cpu"
         STEPS.update({1: 2, 8: 2, 256: 1})
+    elif args.quick:
+        STEPS.update({1: 12, 8: 8, 256: 4})
     env = {"run": "env", "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
            "python": platform.python_version()}
     import transformers

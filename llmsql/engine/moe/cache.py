@@ -135,9 +135,13 @@ class SlotTable:
     def _distance_of(self, key: Key) -> int:
         return self.distance(key[0])  # the running layer's own: 0, evicted last
 
-    def mark_ready(self, slot: int) -> None:
-        """The copy into ``slot`` has been issued in full."""
+    def mark_ready(self, slot: int, key: Key | None = None) -> None:
+        """The copy of ``key`` into ``slot`` has been issued in full (ignored when ``key`` no
+        longer owns the slot: a prediction cancelled while its copy was issued).
+        """
         with self.lock:
+            if key is not None and self._slots[slot].key != key:
+                return
             self._slots[slot].state = READY
 
     def cancel(self, key: Key) -> bool:

@@ -46,6 +46,7 @@ from torch import nn
 
 from llmsql.engine.moe.cache import Key, SlotTable
 from llmsql.engine.moe.predictors import NoPredictor, Predictor
+from llmsql.engine.moe.sweep import LayerSweep
 from llmsql.moe.plan import (
     NEXT_ROUTER_PRIOR,
     Hardware,
@@ -133,6 +134,12 @@ class ExpertOffload:
         self._prefetch: deque[_Load] = deque()
         self._cv = threading.Condition()
         self._closed = False
+        self._busy: _Load | None = None
+        self._sweep = (LayerSweep(layers=layers, experts=shape.experts, slots=self.slots,
+                                  pool=self.pool, host=host, copy_stream=self._copy_stream,
+                                  device=device)
+                       if LayerSweep.fits(self.slots, shape.experts) else None)
+        self._bulk = False
         self._thread = threading.Thread(target=self._copier, name="llmsql-expert-copy",
                                         daemon=True)
         self._thread.start()
@@ -145,8 +152,11 @@ class ExpertOffload:
             self.plan = self.estimate(tokens).plan
             if self.plan == "all_resident":
                 self.plan = "layer_sweep"
-        policy = "lru" if self.plan == "lru" else "cyclic"
-        self.table.policy = policy
+        bulk = self.plan == "layer_sweep" and self._sweep is not None
+        if bulk != self._bulk:
+            self._switch()
+            self._bulk = bulk
+        self.table.policy = "lru" if self.plan == "lru" else "cyclic"
         self._counters.plans[self.plan] = self._counters.plans.get(self.plan, 0) + 1
         self._counters.add(steps=1, tokens=tokens)
 
@@ -174,15 +184,54 @@ class ExpertOffload:
         """What :class:`OffloadedExperts` does (see the module docstring)."""
         if layer == self.layers[0]:
             self.begin_step(int(hidden.shape[0]))
-        self.table.now(layer)
         needed = [int(e) for e in torch.unique(top_k_index).tolist()]
         if self.route_log is not None:
             self.route_log.append((layer, tuple(needed)))
+        if self._bulk:
+            return self._run_bulk(layer, hidden, top_k_index, top_k_weights, needed)
+        self.table.now(layer)
         self._drop_wrong(layer, set(needed))
         self._count_hits(layer, needed)
         waiting = [e for e in needed if self.table.lookup((layer, e)) is None]
         self._lookahead(layer, hidden, top_k_index)
         return self._compute(layer, hidden, top_k_index, top_k_weights, needed, waiting)
+
+    def _run_bulk(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                  top_k_weights: torch.Tensor, needed: list[int]) -> torch.Tensor:
+        """``layer_sweep`` with whole-layer copies (:mod:`~llmsql.engine.moe.sweep`)."""
+        assert self._sweep is not None
+        base, hit = self._sweep.base(layer, self._counters.add)
+        self._counters.add(needed=len(needed), hits=len(needed) if hit else 0,
+                           prefetch_used=len(needed) if layer not in self._sweep.resident
+                           else 0)
+        out = torch.zeros_like(hidden)
+        for e in needed:
+            self._apply(base + e, e, hidden, top_k_index, top_k_weights, out)
+        self._sweep.used(layer)
+        return out
+
+    def _switch(self) -> None:
+        """Between the per-expert cache and the whole-layer sweep: wait for the copy thread
+        to go idle (dropping queued prefetches), then forget what the pool holds.
+        """
+        with self._cv:
+            for load in list(self._prefetch):
+                load.cancelled = True
+            self._prefetch.clear()
+        while True:
+            with self._cv:
+                if not self._demand and self._busy is None:
+                    break
+            time.sleep(0.0005)
+        if self._cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self._copy_stream.wait_event(event)  # type: ignore[union-attr]
+        self.table = SlotTable(self.slots, layers=self.layers, policy=self.table.policy)
+        self._loads.clear()
+        self._last_use.clear()
+        if self._sweep is not None:
+            self._sweep.reset()
 
     def _count_hits(self, layer: int, needed: list[int]) -> None:
         hits = sum(self.table.lookup((layer, e)) is not None for e in needed)
@@ -304,12 +353,7 @@ class ExpertOffload:
             load = self._loads.pop(key, None)
             if load is not None and load.event is not None:
                 torch.cuda.current_stream(self.device).wait_event(load.event)
-            tok, pos = torch.where(top_k_index == e)
-            x = hidden[tok]
-            gate, up = nn.functional.linear(x, self.pool[0][slot]).chunk(2, dim=-1)
-            y = nn.functional.linear(self.act(gate) * up, self.pool[1][slot])
-            y = y * top_k_weights[tok, pos, None]
-            out.index_add_(0, tok, y.to(out.dtype))
+            self._apply(slot, e, hidden, top_k_index, top_k_weights, out)
             if self._cuda:
                 ev = torch.cuda.Event()
                 ev.record(torch.cuda.current_stream(self.device))
@@ -317,11 +361,23 @@ class ExpertOffload:
         finally:
             self.table.unpin(slot)
 
+    def _apply(self, slot: int, e: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+               top_k_weights: torch.Tensor, out: torch.Tensor) -> None:
+        """Expert ``e``, held in ``slot``, on its tokens, added into ``out`` (the stock
+        module's arithmetic).
+        """
+        tok, pos = torch.where(top_k_index == e)
+        x = hidden[tok]
+        gate, up = nn.functional.linear(x, self.pool[0][slot]).chunk(2, dim=-1)
+        y = nn.functional.linear(self.act(gate) * up, self.pool[1][slot])
+        y = y * top_k_weights[tok, pos, None]
+        out.index_add_(0, tok, y.to(out.dtype))
+
     # -- the copy thread ------------------------------------------------------------------
 
     def _copier(self) -> None:
         if self._cuda:
-            torch.cuda.set_device(self.device)
+            torch.cuda.set_device(self.device.index or 0)
         while True:
             with self._cv:
                 while not self._demand and not self._prefetch and not self._closed:
@@ -329,7 +385,12 @@ class ExpertOffload:
                 if self._closed:
                     return
                 load = self._demand[0] if self._demand else self._prefetch[0]
-            finished = self._copy_some(load)
+                self._busy = load
+            try:
+                finished = self._copy_some(load)
+            finally:
+                with self._cv:
+                    self._busy = None
             with self._cv:
                 if finished or load.cancelled:
                     for q in (self._demand, self._prefetch):
@@ -362,7 +423,7 @@ class ExpertOffload:
             load.next_chunk += 1
             self._counters.add(bytes_h2d=(b - a) * src[0].numel() * src.element_size())
         load.event = ev
-        self.table.mark_ready(load.slot)
+        self.table.mark_ready(load.slot, load.key)
         load.done.set()
         return True
 

@@ -214,3 +214,27 @@ def test_next_router_scores_count_tokens() -> None:
     assert sorted(out) == [2, 3]
     assert all(v.shape == (8,) and v.sum().item() == 10 for v in out.values())
     assert pred.predict(3, hidden, torch.zeros(5, 2, dtype=torch.long), 2) == {}
+
+
+def test_layer_sweep_streams_whole_layers_once_per_step() -> None:
+    model, runtime = _offloaded("olmoe", 0.5, "layer_sweep")  # 16 slots: 2 layer buffers
+    try:
+        assert runtime._sweep is not None and not runtime._sweep.resident
+        layer_bytes = runtime._sweep.layer_bytes(0)
+        with torch.no_grad():
+            model(_ids())
+            runtime.reset_stats()
+            got = model(_ids()).logits
+        stats = runtime.stats()
+        assert stats.bytes_h2d == 4 * layer_bytes  # every layer once, in two big copies
+        assert stats.prefetched == 4 * 8 and stats.plans == (("layer_sweep", 1),)
+        model2, runtime2 = _offloaded("olmoe", 0.75, "layer_sweep")  # one layer stays
+        with torch.no_grad():
+            model2(_ids())
+            runtime2.reset_stats()
+            assert (model2(_ids()).logits - got).abs().max().item() < 1e-5
+        assert len(runtime2._sweep.resident) == 1
+        assert runtime2.stats().bytes_h2d == 3 * layer_bytes
+        runtime2.close()
+    finally:
+        runtime.close()
