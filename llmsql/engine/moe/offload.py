@@ -47,6 +47,7 @@ from torch import nn
 from llmsql.engine.moe.cache import Key, SlotTable
 from llmsql.engine.moe.predictors import NoPredictor, Predictor
 from llmsql.engine.moe.sweep import LayerSweep
+from llmsql.engine.moe.trials import PlanTrials
 from llmsql.moe.plan import (
     NEXT_ROUTER_PRIOR,
     Hardware,
@@ -140,6 +141,10 @@ class ExpertOffload:
                                   device=device)
                        if LayerSweep.fits(self.slots, shape.experts) else None)
         self._bulk = False
+        candidates = ("layer_sweep", "lru") if isinstance(predictor, NoPredictor) else (
+            "layer_sweep", "predictive", "lru")
+        self.trials = PlanTrials(candidates)
+        self._step: tuple[int, str, float, bool] | None = None
         self._thread = threading.Thread(target=self._copier, name="llmsql-expert-copy",
                                         daemon=True)
         self._thread.start()
@@ -147,11 +152,17 @@ class ExpertOffload:
     # -- per step -------------------------------------------------------------------------
 
     def begin_step(self, tokens: int) -> None:
-        """The first MoE layer of a forward pass: pick the plan for this step."""
+        """The first MoE layer of a forward pass: pick the plan for this step (``auto``:
+        the cost model's, checked against measured step times, :mod:`.trials`).
+        """
         if self.options.plan == "auto":
-            self.plan = self.estimate(tokens).plan
-            if self.plan == "all_resident":
-                self.plan = "layer_sweep"
+            self._time_step()
+            choice = self.estimate(tokens).plan
+            choice = "layer_sweep" if choice == "all_resident" else choice
+            previous = self.plan
+            self.plan = self.trials.choose(tokens, choice)
+            counted = self.plan == previous and self._step is not None
+            self._step = (tokens, self.plan, time.perf_counter(), counted)
         bulk = self.plan == "layer_sweep" and self._sweep is not None
         if bulk != self._bulk:
             self._switch()
@@ -159,6 +170,15 @@ class ExpertOffload:
         self.table.policy = "lru" if self.plan == "lru" else "cyclic"
         self._counters.plans[self.plan] = self._counters.plans.get(self.plan, 0) + 1
         self._counters.add(steps=1, tokens=tokens)
+
+    def _time_step(self) -> None:
+        """Record the step that just ended (``auto`` only; syncs the GPU to time it)."""
+        if self._step is None:
+            return
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+        tokens, plan, start, counted = self._step
+        self.trials.record(tokens, plan, time.perf_counter() - start, counted=counted)
 
     def estimate(self, tokens: int) -> PlanEstimate:
         """The cost model's plan for a step of ``tokens`` tokens, with the accuracy measured

@@ -238,3 +238,23 @@ def test_layer_sweep_streams_whole_layers_once_per_step() -> None:
         runtime2.close()
     finally:
         runtime.close()
+
+
+def test_auto_tries_each_plan_then_keeps_the_fastest_measured() -> None:
+    model, runtime = _offloaded("olmoe", 0.5, "auto", predictor="next_router")
+    try:
+        ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            for _ in range(12):  # same-size steps: one bucket
+                model(ids)
+        plans = dict(runtime.stats().plans)
+        assert set(plans) == {"layer_sweep", "predictive", "lru"}  # every candidate tried
+        measured = {p: runtime.trials.times(6, p) for p in plans}
+        assert all(len(t) >= 2 for t in measured.values())
+        import statistics
+
+        fastest = min(measured, key=lambda p: statistics.median(measured[p]))
+        assert runtime.trials.choose(6, "lru") == fastest
+        assert runtime.plan == fastest  # the last steps ran it
+    finally:
+        runtime.close()
