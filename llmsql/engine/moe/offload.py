@@ -29,6 +29,12 @@ measured so far.
 
 On a CPU the same code runs with synchronous copies (tests check it against the stock
 modules); on a GPU the copies overlap compute.
+
+Why this module is over 500 lines: the runtime's compute side (plan per step, the layer call,
+prefetch, switching to the whole-layer sweep) and its copy thread share one lock, one slot
+table and one set of in-flight loads; split across modules, every piece would reach into the
+others' private state. The parts that stand alone are already apart (the slot table, the
+sweep, the plan trials, installation, predictors).
 """
 
 from __future__ import annotations
