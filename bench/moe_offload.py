@@ -177,7 +177,7 @@ def experts_modules(model: Any) -> dict[str, Any]:
 
 
 def host_slabs(model: Any, originals: dict[str, Any]) -> dict[int, tuple[Any, Any]]:
-    from llmsql.engine.moe import layer_index
+    from llmsql.engine.moe import moe_layer_index
 
     out = {}
     for name, mod in originals.items():
@@ -186,7 +186,7 @@ def host_slabs(model: Any, originals: dict[str, Any]) -> dict[int, tuple[Any, An
         dn = torch.empty(mod.down_proj.shape, dtype=mod.down_proj.dtype, pin_memory=pin)
         gu.copy_(mod.gate_up_proj.detach())
         dn.copy_(mod.down_proj.detach())
-        out[layer_index(name)] = (gu, dn)
+        out[moe_layer_index(name)] = (gu, dn)
     return out
 
 
@@ -251,11 +251,11 @@ def run_accelerate(model: Any, originals: dict[str, Any], slabs: Any, batch: int
     from accelerate import cpu_offload
     from accelerate.hooks import remove_hook_from_module
 
-    from llmsql.engine.moe import layer_index
+    from llmsql.engine.moe import moe_layer_index
 
     restore(model, originals)
     for name, mod in originals.items():
-        gu, dn = slabs[layer_index(name)]
+        gu, dn = slabs[moe_layer_index(name)]
         cpu_offload(mod, execution_device=torch.device(DEVICE),
                     state_dict={"gate_up_proj": gu, "down_proj": dn})
     try:

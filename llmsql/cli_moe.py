@@ -124,8 +124,9 @@ def _profile(folder: Path, prompts: Sequence[str], args: argparse.Namespace, max
     from llmsql.backends.transformers import prompt_ids
     from llmsql.engine import load_model, load_tokenizer
     from llmsql.engine.moe import routers_of
-    from llmsql.engine.moe.learned import default_profile_path, save_predictor, train_predictor
+    from llmsql.engine.moe.learned import save_predictor, train_predictor
     from llmsql.engine.moe.trace import record_routing
+    from llmsql.moe.options import default_profile_path
 
     tokenizer = load_tokenizer(folder)
     ids = sorted((prompt_ids(tokenizer, p)[:max_len] for p in prompts), key=len)

@@ -20,11 +20,10 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmsql.errors import ConfigError
-from llmsql.moe.options import OPTION_NAMES, MoEOptions, moe_options
+from llmsql.moe.options import OPTION_NAMES, MoEOptions, moe_options, profile_path
 from llmsql.moe.plan import (
     NEXT_ROUTER_PRIOR,
     MoEShape,
@@ -35,6 +34,8 @@ from llmsql.moe.plan import (
 )
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from transformers import PreTrainedModel
 
     from llmsql.backends.base import BackendSpec
@@ -47,10 +48,6 @@ NEXT_ROUTER_ACCURACY = NEXT_ROUTER_PRIOR
 engine's prior, :data:`llmsql.moe.plan.NEXT_ROUTER_PRIOR`: an assumption, not a measurement;
 ``llmsql moe-profile`` measures a learned predictor's)."""
 
-PROFILE_FOLDER = "llmsql_moe"
-PROFILE_FILE = "predictor.pt"
-"""Where ``llmsql moe-profile`` stores a model's routing predictor by default:
-``<model>/llmsql_moe/predictor.pt``, its measured figures beside it as ``predictor.json``."""
 
 
 def given_options(options: Mapping[str, Any], /) -> list[str]:
@@ -187,19 +184,13 @@ def stats_delta(after: OffloadStats, before: OffloadStats | None, /) -> OffloadS
 # ---- EXPLAIN -------------------------------------------------------------------------------
 
 
-def profile_path(folder: str | os.PathLike[str], options: MoEOptions) -> Path:
-    """The routing profile the engine uses: ``options.profile``, else the model's own."""
-    if options.profile is not None:
-        return Path(options.profile).expanduser()
-    return Path(folder) / PROFILE_FOLDER / PROFILE_FILE
-
-
 def profile_precision(path: Path, /) -> float | None:
     """The measured precision stored beside a routing profile (``<profile>.json``, as
     :func:`llmsql.engine.moe.learned.save_predictor` writes it) one MoE layer ahead; None
     when there is no readable figure.
 
     >>> import tempfile
+    >>> from pathlib import Path
     >>> folder = Path(tempfile.mkdtemp())
     >>> _ = (folder / "p.json").write_text('{"metrics": {"distances": [{"distance": 2, '
     ...     '"precision": 0.5}, {"distance": 1, "precision": 0.75}]}}')
@@ -227,7 +218,8 @@ def predictor_accuracy(folder: str | os.PathLike[str], options: MoEOptions
     """The prediction accuracy the cost model plans with, and where it comes from."""
     if options.plan == "lru" or options.predictor == "none":
         return 0.0, "predictor none"
-    path = profile_path(folder, options)
+    path = profile_path(options, folder)
+    assert path is not None  # a folder is given
     if options.predictor in ("auto", "learned"):
         precision = profile_precision(path)
         if precision is not None:

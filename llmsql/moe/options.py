@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmsql.errors import ConfigError
 
 if TYPE_CHECKING:
+    import os
     from collections.abc import Mapping
 
 PLANS: tuple[str, ...] = ("auto", "predictive", "layer_sweep", "lru")
@@ -43,6 +45,11 @@ states; ``next_router``: layer i+j's router applied to layer i's hidden state (n
 OPTION_NAMES: tuple[str, ...] = ("expert_cache", "moe_plan", "predictor", "lookahead",
                                  "moe_profile")
 """The backend options (and session settings) that configure expert offload."""
+
+PROFILE_FOLDER = "llmsql_moe"
+PROFILE_FILE = "predictor.pt"
+"""Where ``llmsql moe-profile`` stores a model's routing predictor by default:
+``<model>/llmsql_moe/predictor.pt``, its measured figures beside it as ``predictor.json``."""
 
 DEFAULT_LOOKAHEAD = 2
 MAX_LOOKAHEAD = 8
@@ -91,6 +98,24 @@ class MoEOptions:
         if self.profile is not None:
             out["moe_profile"] = self.profile
         return out
+
+
+def default_profile_path(model_dir: str | os.PathLike[str]) -> Path:
+    """Where a model's predictor is stored: ``<model_dir>/llmsql_moe/predictor.pt``.
+
+    >>> default_profile_path("/models/m").as_posix()
+    '/models/m/llmsql_moe/predictor.pt'
+    """
+    return Path(model_dir) / PROFILE_FOLDER / PROFILE_FILE
+
+
+def profile_path(options: MoEOptions, model_dir: str | os.PathLike[str] | None) -> Path | None:
+    """The routing profile the engine uses (and EXPLAIN reads): ``options.profile``, else the
+    model's own under ``model_dir`` (None without either).
+    """
+    if options.profile is not None:
+        return Path(options.profile).expanduser()
+    return None if model_dir is None else default_profile_path(model_dir)
 
 
 def _bad(name: str, value: object, fix: str) -> None:

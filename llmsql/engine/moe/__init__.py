@@ -7,10 +7,11 @@ for the predictors, :mod:`~llmsql.engine.moe.cache` for the slot table, and
 from __future__ import annotations
 
 from llmsql.engine.moe.cache import SlotTable
-from llmsql.engine.moe.install import check_moe_model, layer_index, offload_experts
+from llmsql.engine.moe.install import check_moe_model, offload_experts
 from llmsql.engine.moe.offload import ExpertOffload, OffloadedExperts
 from llmsql.engine.moe.predictors import NextRouter, NoPredictor, Oracle, Predictor, routers_of
+from llmsql.engine.moe.trace import moe_layer_index
 
 __all__ = ["ExpertOffload", "NextRouter", "NoPredictor", "OffloadedExperts", "Oracle",
-           "Predictor", "SlotTable", "check_moe_model", "layer_index", "offload_experts",
+           "Predictor", "SlotTable", "check_moe_model", "moe_layer_index", "offload_experts",
            "routers_of"]

@@ -7,8 +7,6 @@ memory, pick the predictor, and swap every experts module for an
 from __future__ import annotations
 
 import dataclasses
-import re
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,26 +15,15 @@ from torch import nn
 from llmsql.engine.experts import find_experts
 from llmsql.engine.moe.offload import ExpertOffload, OffloadedExperts
 from llmsql.engine.moe.predictors import NextRouter, NoPredictor, Predictor, routers_of
+from llmsql.engine.moe.trace import moe_layer_index
 from llmsql.errors import ConfigError
+from llmsql.moe.options import profile_path
 from llmsql.moe.plan import NEXT_ROUTER_PRIOR, Hardware, MoEShape
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from llmsql.moe.options import MoEOptions
-
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def layer_index(name: str) -> int:
-    """The decoder layer of an experts module's qualified name.
-
-    >>> layer_index("model.layers.12.mlp.experts")
-    12
-    """
-    match = _LAYER.search(name)
-    if match is None:
-        msg = f"cannot tell the decoder layer of expert module {name!r}"
-        raise ConfigError(msg)
-    return int(match.group(1))
 
 
 def check_moe_model(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
@@ -67,7 +54,7 @@ def check_moe_model(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
                    "no bias): expert offload supports Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE; "
                    "upgrade transformers (>= 5) or drop the expert offload options")
             raise ConfigError(msg)
-        out.append((layer_index(name), name, module))
+        out.append((moe_layer_index(name), name, module))
     return out
 
 
@@ -128,7 +115,7 @@ def _predictor(model: nn.Module, options: MoEOptions, layers: tuple[int, ...],
     choice = options.predictor
     if options.plan == "lru" or choice == "none":
         return NoPredictor(), 0.0
-    profile = _profile_path(options, model_dir)
+    profile = profile_path(options, model_dir)
     if choice == "learned" or (choice == "auto" and profile is not None and profile.exists()):
         from llmsql.engine.moe.learned import load_predictor
 
@@ -139,16 +126,6 @@ def _predictor(model: nn.Module, options: MoEOptions, layers: tuple[int, ...],
         learned, metrics = load_predictor(profile, device=str(dev))
         return learned, _profile_accuracy(metrics)
     return NextRouter(routers_of(model, layers), shape.top_k), NEXT_ROUTER_PRIOR
-
-
-def _profile_path(options: MoEOptions, model_dir: str | Path | None) -> Path | None:
-    if options.profile is not None:
-        return Path(options.profile)
-    if model_dir is None:
-        return None
-    from llmsql.engine.moe.learned import default_profile_path
-
-    return default_profile_path(model_dir)
 
 
 def _profile_accuracy(metrics: Any) -> float:

@@ -333,13 +333,6 @@ def _mean_distance(distance: int, rows: list[list[float]]) -> DistanceMetrics:
     return DistanceMetrics(distance, mean[0], mean[0], mean[1], mean[2], nxt)
 
 
-def default_profile_path(model_dir: str | os.PathLike[str]) -> Path:
-    """Where a model's predictor is stored: ``<model_dir>/llmsql_moe/predictor.pt`` (its
-    metrics beside it as ``predictor.json``).
-    """
-    return Path(model_dir) / "llmsql_moe" / "predictor.pt"
-
-
 def save_predictor(predictor: LearnedPredictor, metrics: PredictorMetrics,
                    path: str | os.PathLike[str]) -> None:
     """Write the predictor (config, weights on the CPU, metrics) to ``path`` and its metrics,

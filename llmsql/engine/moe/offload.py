@@ -91,19 +91,28 @@ class _Load:
     done: threading.Event = field(default_factory=threading.Event)
     event: Any = None
     """The CUDA event recorded after the last chunk (None on the CPU)."""
+    counted: bool = False
+    """A prefetch whose use has been counted (``prefetch_used``)."""
 
 
 class _Counters:
+    """Running :class:`OffloadStats` counts, added to from both threads."""
+
     def __init__(self) -> None:
-        self.stats = OffloadStats()
+        zero = OffloadStats()
+        self.counts: dict[str, Any] = {f.name: getattr(zero, f.name)
+                                       for f in dataclasses.fields(zero) if f.name != "plans"}
         self.plans: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def add(self, **kw: float) -> None:
-        self.stats = dataclasses.replace(
-            self.stats, **{k: getattr(self.stats, k) + v for k, v in kw.items()})
+        with self._lock:
+            for name, value in kw.items():
+                self.counts[name] += value
 
     def snapshot(self) -> OffloadStats:
-        return dataclasses.replace(self.stats, plans=tuple(sorted(self.plans.items())))
+        with self._lock:
+            return OffloadStats(**self.counts, plans=tuple(sorted(self.plans.items())))
 
 
 class ExpertOffload:
@@ -196,12 +205,10 @@ class ExpertOffload:
 
     def accuracy(self) -> float:
         """The prefetch precision measured so far (the prior until 64 prefetches)."""
-        s = self._counters.stats
         if isinstance(self.predictor, NoPredictor):
             return 0.0
-        if s.prefetched < 64:
-            return self.prior_accuracy
-        return s.prefetch_used / s.prefetched
+        s = self._counters.snapshot()
+        return self.prior_accuracy if s.prefetched < 64 else s.prefetch_precision
 
     # -- the layer call -------------------------------------------------------------------
 
@@ -218,9 +225,8 @@ class ExpertOffload:
         self.table.now(layer)
         self._drop_wrong(layer, set(needed))
         self._count_hits(layer, needed)
-        waiting = [e for e in needed if self.table.lookup((layer, e)) is None]
         self._lookahead(layer, hidden, top_k_index)
-        return self._compute(layer, hidden, top_k_index, top_k_weights, needed, waiting)
+        return self._compute(layer, hidden, top_k_index, top_k_weights, needed)
 
     def _run_bulk(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                   top_k_weights: torch.Tensor, needed: list[int]) -> torch.Tensor:
@@ -264,8 +270,8 @@ class ExpertOffload:
         used = 0
         for e in needed:
             load = self._loads.get((layer, e))
-            if load is not None and not load.demand and not getattr(load, "counted", False):
-                load.counted = True  # type: ignore[attr-defined]
+            if load is not None and not load.demand and not load.counted:
+                load.counted = True
                 used += 1
         self._counters.add(needed=len(needed), hits=hits, prefetch_used=used)
 
@@ -318,7 +324,7 @@ class ExpertOffload:
         return True
 
     def _compute(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
-                 top_k_weights: torch.Tensor, needed: list[int], waiting: list[int]
+                 top_k_weights: torch.Tensor, needed: list[int]
                  ) -> torch.Tensor:
         out = torch.zeros_like(hidden)
         todo = list(needed)
@@ -330,7 +336,6 @@ class ExpertOffload:
             for e in ready:
                 self._expert(layer, e, hidden, top_k_index, top_k_weights, out)
                 todo.remove(e)
-        del waiting
         return out
 
     def _demand_missing(self, layer: int, todo: list[int]) -> None:

@@ -8,19 +8,11 @@ import pytest
 
 pytest.importorskip("torch")
 
-SHAPE: dict[str, Any] = {
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 96,
-    "max_position_embeddings": 256,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "pad_token_id": 0,
-    "tie_word_embeddings": False,
-}
+from tests.engine.conftest import TINY  # noqa: E402
+
+SHAPE: dict[str, Any] = {**TINY, "hidden_size": 32, "intermediate_size": 48,
+                         "num_hidden_layers": 4}
+"""The engine tests' tiny shape, narrower and with four layers (room for lookahead)."""
 
 
 def moe_config(family: str) -> Any:

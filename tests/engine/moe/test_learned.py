@@ -18,7 +18,6 @@ from llmsql.engine import from_config  # noqa: E402
 from llmsql.engine.moe.learned import (  # noqa: E402
     LearnedPredictor,
     PredictorMetrics,
-    default_profile_path,
     evaluate_predictor,
     load_predictor,
     save_predictor,
@@ -35,6 +34,7 @@ from llmsql.engine.moe.tiny import (  # noqa: E402
 )
 from llmsql.engine.moe.trace import RoutingTrace, record_routing  # noqa: E402
 from llmsql.errors import ConfigError  # noqa: E402
+from llmsql.moe.options import default_profile_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 SHARED = Path(os.environ.get("LLMSQL_SHARED", REPO.parent / "shared"))
