@@ -27,6 +27,7 @@ True
 
 from __future__ import annotations
 
+import heapq
 import threading
 from dataclasses import dataclass
 
@@ -54,6 +55,12 @@ class SlotTable:
         self._slots = [_Slot() for _ in range(slots)]
         self._where: dict[Key, int] = {}
         self._order = {layer: i for i, layer in enumerate(layers)}
+        self._layers = tuple(layers)
+        self._free = list(range(slots))
+        """heap of free slot indices (the lowest is taken first)"""
+        self._ready: dict[int, list[tuple[int, int]]] = {layer: [] for layer in layers}
+        """per layer, a heap of (used, slot) of its ready slots; entries go stale when a slot
+        is used again, evicted or cancelled, and are dropped lazily (no scan of every slot)"""
         self.policy = policy
         self.current = layers[0] if layers else 0
         self._tick = 0
@@ -103,7 +110,7 @@ class SlotTable:
             if key in self._where:
                 msg = f"expert {key} already has slot {self._where[key]}"
                 raise ValueError(msg)
-            slot = next((i for i, s in enumerate(self._slots) if s.state == FREE), None)
+            slot = heapq.heappop(self._free) if self._free else None
             evicted = None
             if slot is None:
                 slot = self._victim(key if prefetch else None)
@@ -116,21 +123,45 @@ class SlotTable:
             return slot, evicted
 
     def _victim(self, incoming: Key | None) -> int | None:
-        candidates = [i for i, s in enumerate(self._slots) if s.state == READY and not s.pins]
-        if not candidates:
-            return None
+        """The ready, unpinned slot to evict: ``lru``, the least recently used; ``cyclic``,
+        the least recently used of the layer that runs last from now (None if a prefetch's
+        ``incoming`` expert is needed no sooner than that).
+        """
         if self.policy == "lru":
-            return min(candidates, key=lambda i: self._slots[i].used)
-        dist = {i: self._dist_key(i) for i in candidates}
-        best = max(candidates, key=lambda i: (dist[i], -self._slots[i].used))
-        if incoming is not None and dist[best] <= self._distance_of(incoming):
-            return None
-        return best
+            tops = [t for t in (self._oldest(layer) for layer in self._layers) if t is not None]
+            return min(tops)[1] if tops else None
+        n = len(self._layers)
+        start = self._order[self.current]
+        for step in range(n - 1, -1, -1):  # the layer that runs last first
+            layer = self._layers[(start + step) % n]
+            top = self._oldest(layer)
+            if top is not None:
+                if incoming is not None and step <= self._distance_of(incoming):
+                    return None
+                return top[1]
+        return None
 
-    def _dist_key(self, slot: int) -> int:
-        key = self._slots[slot].key
-        assert key is not None
-        return self._distance_of(key)
+    def _oldest(self, layer: int) -> tuple[int, int] | None:
+        """``layer``'s least recently used ready, unpinned slot as (used, slot), or None."""
+        heap, pinned, found = self._ready.get(layer, []), [], None
+        while heap:
+            used, slot = heap[0]
+            s = self._slots[slot]
+            if s.state != READY or s.used != used or s.key is None or s.key[0] != layer:
+                heapq.heappop(heap)  # stale
+            elif s.pins:
+                pinned.append(heapq.heappop(heap))
+            else:
+                found = (used, slot)
+                break
+        for entry in pinned:
+            heapq.heappush(heap, entry)
+        return found
+
+    def _ready_entry(self, slot: int) -> None:
+        s = self._slots[slot]
+        if s.state == READY and s.key is not None and s.key[0] in self._ready:
+            heapq.heappush(self._ready[s.key[0]], (s.used, slot))
 
     def _distance_of(self, key: Key) -> int:
         return self.distance(key[0])  # the running layer's own: 0, evicted last
@@ -143,6 +174,7 @@ class SlotTable:
             if key is not None and self._slots[slot].key != key:
                 return
             self._slots[slot].state = READY
+            self._ready_entry(slot)
 
     def cancel(self, key: Key) -> bool:
         """Drop a loading ``key`` that nobody pinned (a wrong prediction); True if dropped."""
@@ -152,6 +184,7 @@ class SlotTable:
                 return False
             del self._where[key]
             self._slots[slot] = _Slot()
+            heapq.heappush(self._free, slot)
             return True
 
     def pin(self, slot: int) -> None:
@@ -159,6 +192,7 @@ class SlotTable:
         with self.lock:
             self._slots[slot].pins += 1
             self._slots[slot].used = self._next()
+            self._ready_entry(slot)
 
     def unpin(self, slot: int) -> None:
         """Undo one :meth:`pin`."""

@@ -141,12 +141,13 @@ class ExpertOffload:
         self._counters = _Counters()
         self._cuda = device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(device) if self._cuda else None
+        self._miss_stream = torch.cuda.Stream(device, priority=-1) if self._cuda else None
         self._last_use: dict[int, Any] = {}
+        self._last_write: dict[int, Any] = {}
         self._inflight: deque[Any] = deque()
         if self._cuda:
             sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self._loads: dict[Key, _Load] = {}
-        self._demand: deque[_Load] = deque()
         self._prefetch: deque[_Load] = deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -237,8 +238,9 @@ class ExpertOffload:
                            prefetch_used=len(needed) if layer not in self._sweep.resident
                            else 0)
         out = torch.zeros_like(hidden)
-        for e in needed:
-            self._apply(base + e, e, hidden, top_k_index, top_k_weights, out)
+        layer_pool = (self.pool[0][base:base + self.shape.experts],
+                      self.pool[1][base:base + self.shape.experts])
+        grouped_experts(layer_pool, top_k_index, hidden, top_k_weights, out, self.act)
         self._sweep.used(layer)
         return out
 
@@ -252,16 +254,18 @@ class ExpertOffload:
             self._prefetch.clear()
         while True:
             with self._cv:
-                if not self._demand and self._busy is None:
+                if self._busy is None:
                     break
             time.sleep(0.0005)
         if self._cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self._miss_stream)
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
             self._copy_stream.wait_event(event)  # type: ignore[union-attr]
         self.table = SlotTable(self.slots, layers=self.layers, policy=self.table.policy)
         self._loads.clear()
         self._last_use.clear()
+        self._last_write.clear()
         if self._sweep is not None:
             self._sweep.reset()
 
@@ -279,6 +283,8 @@ class ExpertOffload:
         """Early preemption: cancel queued prefetches of this layer it does not need."""
         with self._cv:
             for load in list(self._prefetch):
+                if load is self._busy:
+                    continue  # its chunks are on the way: cancelling would race a miss's copy
                 if load.key[0] == layer and load.key[1] not in needed and self.table.cancel(
                         load.key):
                     load.cancelled = True
@@ -317,51 +323,63 @@ class ExpertOffload:
             if evicted is not None:
                 self._loads.pop(evicted, None)
             self._loads[key] = load
-            (self._demand if demand else self._prefetch).append(load)
-            self._cv.notify()
-        if not demand:
+            if not demand:
+                self._prefetch.append(load)
+                self._cv.notify()
+        if demand:
+            self._copy_now(load)
+        else:
             self._counters.add(prefetched=1)
         return True
 
     def _compute(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
-                 top_k_weights: torch.Tensor, needed: list[int]
-                 ) -> torch.Tensor:
+                 top_k_weights: torch.Tensor, needed: list[int]) -> torch.Tensor:
+        """Resident (and arrived) experts first, as one grouped computation, while the
+        misses' copies, issued right after, are in flight; then the misses as they arrive.
+        """
         out = torch.zeros_like(hidden)
         todo = list(needed)
         while todo:
-            self._demand_missing(layer, todo)
             ready = [e for e in todo if self._is_ready((layer, e))]
             if not ready:
-                ready = [self._wait_any(layer, todo)]
-            for e in ready:
-                self._expert(layer, e, hidden, top_k_index, top_k_weights, out)
-                todo.remove(e)
+                self._demand_missing(layer, todo)
+                ready = [e for e in todo if self._is_ready((layer, e))] or self._wait_ready(
+                    layer, todo)
+            self._group(layer, ready, hidden, top_k_index, top_k_weights, out)
+            todo = [e for e in todo if e not in ready]
         return out
 
     def _demand_missing(self, layer: int, todo: list[int]) -> None:
+        """Copy the layer's misses now, from this thread, on the high-priority miss stream
+        (a queued prediction of one is taken over; one the copy thread is copying is left
+        to it).
+        """
         for e in todo:
             key = (layer, e)
             if self.table.lookup(key) is None:
-                self._queue(key, demand=True)  # may fail while all slots are pinned
+                self._queue(key, demand=True)  # may fail while every slot is loading
             else:
-                self._promote(key)
+                self._take_over(key)
 
-    def _promote(self, key: Key) -> None:
-        """A queued prefetch the layer now needs goes to the front (it is a miss now)."""
+    def _take_over(self, key: Key) -> None:
+        """A queued prefetch the layer now needs is copied at once (it is a miss now)."""
         with self._cv:
             load = self._loads.get(key)
-            if load is not None and not load.demand and load in self._prefetch:
-                self._prefetch.remove(load)
-                load.demand = True
-                self._demand.appendleft(load)
-                self._cv.notify()
+            if load is None or load.demand or load not in self._prefetch:
+                return
+            self._prefetch.remove(load)
+            load.demand = True
+        self._copy_now(load)
 
     def _is_ready(self, key: Key) -> bool:
         load = self._loads.get(key)
         slot = self.table.lookup(key)
         return slot is not None and (load is None or load.done.is_set())
 
-    def _wait_any(self, layer: int, todo: list[int]) -> int:
+    def _wait_ready(self, layer: int, todo: list[int]) -> list[int]:
+        """Block until one of ``todo``'s copies is issued (the copy thread's, or a slot to
+        free up); return every one then ready.
+        """
         start = time.perf_counter()
         while True:
             for e in todo:
@@ -369,53 +387,56 @@ class ExpertOffload:
                 if self.table.lookup((layer, e)) is not None and load is not None:
                     load.done.wait()
                     self._counters.add(wait_seconds=time.perf_counter() - start)
-                    return e
-            # nothing of ours is queued (every slot pinned by us): wait for a slot
-            self._demand_missing(layer, todo)
+                    return [x for x in todo if self._is_ready((layer, x))]
+            self._demand_missing(layer, todo)  # every slot was loading: try again
             time.sleep(0)
 
-    def _expert(self, layer: int, e: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor, out: torch.Tensor) -> None:
-        key = (layer, e)
-        slot = self.table.lookup(key)
-        assert slot is not None
-        self.table.pin(slot)
-        try:
+    def _group(self, layer: int, experts: list[int], hidden: torch.Tensor,
+               top_k_index: torch.Tensor, top_k_weights: torch.Tensor, out: torch.Tensor
+               ) -> None:
+        """``experts`` (all ready) on their tokens, one grouped computation over their slots,
+        added into ``out``; their slots' last use is recorded so no copy overwrites them early.
+        """
+        slots = []
+        for e in experts:
+            key = (layer, e)
+            slot = self.table.lookup(key)
+            assert slot is not None
+            self.table.pin(slot)
+            slots.append(slot)
             load = self._loads.pop(key, None)
             if load is not None and load.event is not None:
                 torch.cuda.current_stream(self.device).wait_event(load.event)
-            self._apply(slot, e, hidden, top_k_index, top_k_weights, out)
+        try:
+            where = [self.slots] * self.shape.experts
+            for e, slot in zip(experts, slots, strict=True):
+                where[e] = slot
+            slot_of = torch.tensor(where, dtype=torch.int64).to(hidden.device,
+                                                                 non_blocking=True)
+            grouped_experts(self.pool, slot_of[top_k_index], hidden, top_k_weights, out,
+                            self.act)
             if self._cuda:
                 ev = torch.cuda.Event()
                 ev.record(torch.cuda.current_stream(self.device))
-                self._last_use[slot] = ev
+                for slot in slots:
+                    self._last_use[slot] = ev
         finally:
-            self.table.unpin(slot)
-
-    def _apply(self, slot: int, e: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
-               top_k_weights: torch.Tensor, out: torch.Tensor) -> None:
-        """Expert ``e``, held in ``slot``, on its tokens, added into ``out`` (the stock
-        module's arithmetic).
-        """
-        tok, pos = torch.where(top_k_index == e)
-        x = hidden[tok]
-        gate, up = nn.functional.linear(x, self.pool[0][slot]).chunk(2, dim=-1)
-        y = nn.functional.linear(self.act(gate) * up, self.pool[1][slot])
-        y = y * top_k_weights[tok, pos, None]
-        out.index_add_(0, tok, y.to(out.dtype))
+            for slot in slots:
+                self.table.unpin(slot)
 
     # -- the copy thread ------------------------------------------------------------------
 
     def _copier(self) -> None:
+        """Prefetches, one at a time, best first, in bounded chunks."""
         if self._cuda:
             torch.cuda.set_device(self.device.index or 0)
         while True:
             with self._cv:
-                while not self._demand and not self._prefetch and not self._closed:
+                while not self._prefetch and not self._closed:
                     self._cv.wait()
                 if self._closed:
                     return
-                load = self._demand[0] if self._demand else self._prefetch[0]
+                load = self._prefetch[0]
                 self._busy = load
             try:
                 finished = self._copy_some(load)
@@ -423,52 +444,71 @@ class ExpertOffload:
                 with self._cv:
                     self._busy = None
             with self._cv:
-                if finished or load.cancelled:
-                    for q in (self._demand, self._prefetch):
-                        if load in q:
-                            q.remove(load)
+                if (finished or load.cancelled) and load in self._prefetch:
+                    self._prefetch.remove(load)
 
-    def _copy_some(self, load: _Load) -> bool:
-        """Copy ``load``'s chunks until done, or until on-demand work arrives (a prefetch
-        yields); True when it is done. At most :data:`IN_FLIGHT` chunks are queued on the
-        copy stream at a time, so a miss waits behind little.
-        """
+    def _chunks(self, load: _Load, chunk_bytes: int
+                ) -> list[tuple[torch.Tensor, torch.Tensor, int, int]]:
         layer, e = load.key
         gate_up, down = self.host[layer]
         parts = [(self.pool[0][load.slot], gate_up[e]), (self.pool[1][load.slot], down[e])]
-        chunks = [(d, s, a, b) for d, s in parts
-                  for a, b in _spans(s.numel() * s.element_size(), self.chunk_bytes,
-                                     s.shape[0])]
+        return [(d, s, a, b) for d, s in parts
+                for a, b in _spans(s.numel() * s.element_size(), chunk_bytes, s.shape[0])]
+
+    def _copy_some(self, load: _Load) -> bool:
+        """Copy a prefetch's chunks until done or cancelled; True when done. At most
+        :data:`IN_FLIGHT` chunks are queued on the copy stream at a time, so the link is
+        shared with a miss's copy (on its own stream) by little.
+        """
+        chunks = self._chunks(load, self.chunk_bytes)
         ev = None
         while load.next_chunk < len(chunks):
             if load.cancelled:
                 return False
-            if not load.demand and self._demand:
-                return False  # a miss overtakes this prefetch
             while len(self._inflight) >= IN_FLIGHT:
                 self._inflight.popleft().synchronize()
             dst, src, a, b = chunks[load.next_chunk]
-            ev = self._issue(load, dst[a:b], src[a:b], first=load.next_chunk == 0)
+            ev = self._issue(load, dst[a:b], src[a:b], first=load.next_chunk == 0,
+                             stream=self._copy_stream)
             if ev is not None:
                 self._inflight.append(ev)
             load.next_chunk += 1
             self._counters.add(bytes_h2d=(b - a) * src[0].numel() * src.element_size())
-        load.event = ev
-        self.table.mark_ready(load.slot, load.key)
-        load.done.set()
+        self._finish(load, ev)
         return True
 
-    def _issue(self, load: _Load, dst: torch.Tensor, src: torch.Tensor, *, first: bool
-               ) -> Any:
+    def _copy_now(self, load: _Load) -> None:
+        """A miss: both halves of the expert, issued at once on the miss stream."""
+        ev = None
+        for n, (dst, src, a, b) in enumerate(self._chunks(load, 2**62)):
+            ev = self._issue(load, dst[a:b], src[a:b], first=n == 0, stream=self._miss_stream)
+            self._counters.add(bytes_h2d=(b - a) * src[0].numel() * src.element_size())
+        self._finish(load, ev)
+
+    def _finish(self, load: _Load, ev: Any) -> None:
+        load.event = ev
+        if ev is not None:
+            self._last_write[load.slot] = ev
+        self.table.mark_ready(load.slot, load.key)
+        load.done.set()
+
+    def _issue(self, load: _Load, dst: torch.Tensor, src: torch.Tensor, *, first: bool,
+               stream: Any) -> Any:
+        """One copy into ``load``'s slot; the first waits for the slot's last reader and
+        last writer (a copy on the other stream).
+        """
         if not self._cuda:
             dst.copy_(src)
             return None
-        with torch.cuda.stream(self._copy_stream):
-            if first and load.slot in self._last_use:
-                self._copy_stream.wait_event(self._last_use.pop(load.slot))
+        with torch.cuda.stream(stream):
+            if first:
+                for after in (self._last_use.pop(load.slot, None),
+                              self._last_write.get(load.slot)):
+                    if after is not None:
+                        stream.wait_event(after)
             dst.copy_(src, non_blocking=True)
             ev = torch.cuda.Event()
-            ev.record(self._copy_stream)
+            ev.record(stream)
         return ev
 
     # -- measurements and life cycle ------------------------------------------------------
@@ -498,6 +538,52 @@ class ExpertOffload:
     def check(self) -> None:
         """Bookkeeping invariants (tests): the table's, and no pinned slot left."""
         self.table.check()
+
+
+def grouped_experts(pool: tuple[torch.Tensor, torch.Tensor], slot_of: torch.Tensor,
+                    hidden: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
+                    act: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Every (token, choice) pair through the expert in its slot, weighted, added into
+    ``out``: the stock module's arithmetic as two grouped GEMMs over the pool, with no host
+    sync. ``slot_of`` is (tokens, k): the slot of each pair's expert, or ``len(pool)`` for a
+    pair left out (sorted past the last group, which the GEMMs skip; masked here).
+    """
+    slots, k = pool[0].shape[0], slot_of.shape[-1]
+    flat = slot_of.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    grouped = flat[order]
+    tok = torch.div(order, k, rounding_mode="floor")
+    counts = torch.histc(grouped.float() if grouped.device.type == "cpu" else grouped.int(),
+                         bins=slots, min=0, max=slots - 1)
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    gate, up = _grouped_linear(hidden[tok], pool[0], offs).chunk(2, dim=-1)
+    y = _grouped_linear(act(gate) * up, pool[1], offs)
+    y = torch.where((grouped < slots)[:, None], y * weights.reshape(-1)[order, None], 0)
+    out.index_add_(0, tok, y.to(out.dtype))
+
+
+def _grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows ``offs[g-1]:offs[g]`` of ``x`` times ``w[g]``ᵀ for every group ``g`` (rows past
+    ``offs[-1]`` are left undefined): torch's grouped GEMM, or a loop where it is missing.
+    """
+    global _GROUPED_MM
+    fn = getattr(nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    if fn is not None and _GROUPED_MM.get(x.device.type, True):
+        try:
+            return fn(x.to(w.dtype), w.transpose(-2, -1), offs=offs)
+        except (RuntimeError, NotImplementedError):
+            _GROUPED_MM = {**_GROUPED_MM, x.device.type: False}
+    y = x.new_zeros((x.shape[0], w.shape[1]))
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        if end > start:
+            y[start:end] = nn.functional.linear(x[start:end], w[g])
+        start = end
+    return y
+
+
+_GROUPED_MM: dict[str, bool] = {}
+"""Per device type, False once torch's grouped GEMM refused a call (old GPU, dtype)."""
 
 
 def _spans(nbytes: int, chunk: int, rows: int) -> list[tuple[int, int]]:
