@@ -61,6 +61,8 @@ STEPS = {1: 16, 8: 12, 256: 6}
 ERRORS = (0.0, 0.1, 0.2, 0.3, 0.5)
 QUICK_ERRORS = (0.0, 0.2, 0.5)
 BATCHES = (1, 8, 256)
+AUTO_WARM = 10
+"""Untimed decode steps before ``auto`` is timed: its trials of 3 plans x (2 counted + 1)."""
 
 
 def configs() -> dict[str, Any]:
@@ -141,9 +143,10 @@ def pick(logits: Any, gen: Any) -> Any:
 
 
 def decode(model: Any, batch: int, steps: int, seed: int = 1,
-           after_prefill: Any = None) -> dict[str, float]:
-    """Prefill ``PROMPT`` tokens per row, then ``steps`` greedy decode steps
-    (``after_prefill()`` runs between them, untimed)."""
+           after_prefill: Any = None, warm: int = 0) -> dict[str, float]:
+    """Prefill ``PROMPT`` tokens per row, then ``warm`` untimed decode steps (``auto``'s
+    plan trials), then ``steps`` timed decode steps (``after_prefill()`` runs before them,
+    untimed)."""
     from transformers import DynamicCache
 
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
@@ -156,16 +159,23 @@ def decode(model: Any, batch: int, steps: int, seed: int = 1,
         out = model(input_ids=ids, past_key_values=cache, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         sync()
-        t1 = time.perf_counter()
+        prefill_s = time.perf_counter() - t0
+        t_warm = time.perf_counter()
+        for _ in range(warm):
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            nxt = pick(out.logits[:, -1], gen)
+        sync()
+        t_warm = time.perf_counter() - t_warm
         if after_prefill is not None:
             after_prefill()
-            t1 = time.perf_counter()
+        t1 = time.perf_counter()
         for _ in range(steps):
             out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
             nxt = pick(out.logits[:, -1], gen)
         sync()
         t2 = time.perf_counter()
-    return {"prefill_s": t1 - t0, "prefill_tok_s": batch * PROMPT / (t1 - t0),
+    return {"prefill_s": prefill_s, "prefill_tok_s": batch * PROMPT / prefill_s,
+            "warm_steps": warm, "warm_s": t_warm,
             "decode_s": t2 - t1, "decode_step_s": (t2 - t1) / steps,
             "decode_tok_s": batch * steps / (t2 - t1)}
 
@@ -196,8 +206,8 @@ def restore(model: Any, originals: dict[str, Any]) -> None:
 
 
 def run_offload(model: Any, originals: dict[str, Any], slabs: Any, hw: Hardware, *,
-                plan: str, predictor: Any, batch: int, steps: int, log: bool = False
-                ) -> tuple[dict[str, Any], Any]:
+                plan: str, predictor: Any, batch: int, steps: int, log: bool = False,
+                warm: int = 0) -> tuple[dict[str, Any], Any]:
     restore(model, originals)
     opts = MoEOptions(expert_cache=CACHE_SHARE, plan=plan,
                       predictor="none" if isinstance(predictor, NoPredictor) else "auto")
@@ -213,7 +223,7 @@ def run_offload(model: Any, originals: dict[str, Any], slabs: Any, hw: Hardware,
         rt.reset_stats()
 
     try:
-        timing = decode(model, batch, steps, after_prefill=split)
+        timing = decode(model, batch, steps, after_prefill=split, warm=warm)
         stats = rt.stats()
         row = {**timing, **prefill, "hit_rate": stats.hit_rate, "prefetched": stats.prefetched,
                "prefetch_precision": stats.prefetch_precision, "gb_h2d": stats.bytes_h2d / 1e9,
@@ -318,8 +328,11 @@ def speed(name: str, accuracy: float | None, quick: bool, out: Path) -> list[dic
         row, _ = run_offload(model, originals, slabs, hw, plan="layer_sweep",
                              predictor=NoPredictor(), batch=batch, steps=steps)
         emit({"run": "layer_sweep", **common, **row})
+        # auto's plan trials (each candidate a few steps) run untimed first: a batch run
+        # takes thousands of steps, so the steady state is what it pays
         row, _ = run_offload(model, originals, slabs, hw, plan="auto",
-                             predictor=NextRouter(routers, top_k), batch=batch, steps=steps)
+                             predictor=NextRouter(routers, top_k), batch=batch, steps=steps,
+                             warm=AUTO_WARM)
         floor = pcie_floor_seconds(shape, slots=slots, tokens=batch, hw=hw)
         emit({"run": "auto", **common, **row, "floor_step_s": floor})
         acc_steps = 2 if quick else 4

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from llmsql.errors import ConfigError
@@ -179,6 +179,80 @@ def stats_delta(after: OffloadStats, before: OffloadStats | None, /) -> OffloadS
     changes["plans"] = tuple((p, n - earlier.get(p, 0)) for p, n in after.plans
                              if n - earlier.get(p, 0) > 0)
     return OffloadStats(**changes)
+
+
+def stats_sum(parts: Iterable[OffloadStats], /) -> OffloadStats:
+    """Several measurements as one (e.g. a call's, over the Spark workers that ran it):
+    counts add up; the rates (:attr:`~OffloadStats.hit_rate`, ...) follow from the sums.
+
+    >>> a = OffloadStats(steps=1, needed=4, hits=1, plans=(("lru", 1),))
+    >>> b = OffloadStats(steps=2, needed=6, hits=5, plans=(("lru", 1), ("predictive", 1)))
+    >>> total = stats_sum([a, b])
+    >>> total.needed, total.hits, total.hit_rate, total.plans
+    (10, 6, 0.6, (('lru', 2), ('predictive', 1)))
+    """
+    changes: dict[str, Any] = {f.name: 0 for f in dataclasses.fields(OffloadStats)}
+    plans: dict[str, int] = {}
+    for part in parts:
+        for name in changes:
+            if name != "plans":
+                changes[name] += getattr(part, name)
+        for plan, steps in part.plans:
+            plans[plan] = plans.get(plan, 0) + steps
+    changes["wait_seconds"] = float(changes["wait_seconds"])
+    changes["plans"] = tuple(plans.items())
+    return OffloadStats(**changes)
+
+
+def stats_split(stats: OffloadStats, weights: Sequence[int], /) -> list[OffloadStats]:
+    """``stats`` shared out in proportion to ``weights`` (a merged engine batch's counters,
+    per client batch by its requests): each count by largest remainder, so the parts'
+    :func:`stats_sum` is ``stats`` again.
+
+    >>> parts = stats_split(OffloadStats(steps=3, needed=10, hits=7, plans=(("lru", 3),)),
+    ...                     [1, 2])
+    >>> [(p.needed, p.hits, p.plans) for p in parts]
+    [(3, 2, (('lru', 1),)), (7, 5, (('lru', 2),))]
+    >>> stats_sum(parts).needed
+    10
+    """
+    if len(weights) == 1:
+        return [stats]
+    weights = [max(w, 0) for w in weights] if sum(weights) > 0 else [1] * len(weights)
+    total = sum(weights)
+    columns: dict[str, list[Any]] = {}
+    for f in dataclasses.fields(OffloadStats):
+        value = getattr(stats, f.name)
+        if f.name != "plans":
+            columns[f.name] = (_apportion(value, weights) if isinstance(value, int)
+                               else [value * w / total for w in weights])
+    plans = [(plan, _apportion(steps, weights)) for plan, steps in stats.plans]
+    return [OffloadStats(**{k: v[i] for k, v in columns.items()},
+                         plans=tuple((p, n[i]) for p, n in plans if n[i] > 0))
+            for i in range(len(weights))]
+
+
+def _apportion(n: int, weights: Sequence[int]) -> list[int]:
+    """``n`` in whole shares proportional to ``weights`` (positive sum), summing to ``n``."""
+    total = sum(weights)
+    out = [n * w // total for w in weights]
+    by_remainder = sorted(range(len(weights)), key=lambda i: -(n * weights[i] % total))
+    for i in by_remainder[: n - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def stats_from_dict(data: Mapping[str, Any], /) -> OffloadStats:
+    """:class:`OffloadStats` from its :func:`dataclasses.asdict` (after a JSON round trip,
+    which turns ``plans`` into lists).
+
+    >>> stats_from_dict({"steps": 2, "needed": 4, "plans": [["lru", 2]]}).plans
+    (('lru', 2),)
+    """
+    names = {f.name for f in dataclasses.fields(OffloadStats)}
+    values = {k: v for k, v in data.items() if k in names}
+    values["plans"] = tuple((str(p), int(n)) for p, n in values.get("plans", ()))
+    return OffloadStats(**values)
 
 
 # ---- EXPLAIN -------------------------------------------------------------------------------

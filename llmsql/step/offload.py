@@ -4,6 +4,9 @@ A backend that offloads a mixture-of-experts model's experts (the transformers b
 ``expert_cache``) has ``moe_stats()``: the offload runtime's cumulative
 :class:`~llmsql.moe.plan.OffloadStats`. The step takes it before and after a call; the
 difference is the call's. Other backends, and a lazy backend not built yet, measure nothing.
+On Spark the backend is a worker client (:class:`llmsql.backends.worker.WorkerClient`), whose
+``moe_stats()`` sums the counters its worker's replies carried; the driver adds the tasks'
+measurements up (:func:`llmsql.executors.spark.tasks.merge_stats`).
 """
 
 from __future__ import annotations
@@ -29,9 +32,13 @@ def offload_stats(backend: Any, /) -> OffloadStats | None:
     return measure() if callable(measure) else None
 
 
+def offload_delta(backend: Any, before: OffloadStats | None, /) -> OffloadStats | None:
+    """What the backend's expert offload measured since ``before`` (None: no offload)."""
+    after = offload_stats(backend)
+    return stats_delta(after, before) if after is not None else None
+
+
 def offload_line(backend: Any, before: OffloadStats | None, /) -> str | None:
     """The call's ``moe measured`` line: what changed since ``before`` (None: no offload)."""
-    after = offload_stats(backend)
-    if after is None:
-        return None
-    return stats_delta(after, before).describe()
+    delta = offload_delta(backend, before)
+    return delta.describe() if delta is not None else None

@@ -20,7 +20,10 @@ Lifecycle:
   the socket; error messages name it.
 
 The wire format is a length-prefixed pickle of :class:`~.protocol.Call` /
-:class:`~.protocol.Reply`. It is only spoken between llmsql's own processes of one user: the
+:class:`~.protocol.Reply`; a ``generate`` reply's value is a :class:`~.protocol.Generated`,
+which also carries what the engine's expert offload measured for that batch
+(:meth:`WorkerClient.moe_stats` sums them per client, :attr:`WorkerStats.moe` is the
+worker's total). It is only spoken between llmsql's own processes of one user: the
 socket lives in a private (0700) directory, is created with mode 0600, and the worker
 rejects peers of another uid.
 
@@ -40,6 +43,7 @@ from llmsql.backends.worker.protocol import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_STARTUP_TIMEOUT,
     PROTOCOL_VERSION,
+    Generated,
     WorkerInfo,
     WorkerStats,
     default_socket_path,
@@ -54,6 +58,7 @@ __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_STARTUP_TIMEOUT",
     "PROTOCOL_VERSION",
+    "Generated",
     "WorkerClient",
     "WorkerInfo",
     "WorkerStats",

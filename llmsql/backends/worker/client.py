@@ -23,11 +23,13 @@ import time
 import weakref
 from typing import TYPE_CHECKING, cast
 
+from llmsql.backends.moe_glue import stats_sum
 from llmsql.backends.worker.protocol import (
     CLOSE_GRACE_S,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_STARTUP_TIMEOUT,
     Call,
+    Generated,
     Reply,
     WorkerInfo,
     WorkerStats,
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from llmsql.backends.base import BackendSpec, Capabilities, Request, Response
+    from llmsql.moe.plan import OffloadStats
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +259,8 @@ class WorkerClient:
         self._conns: list[socket.socket] = []
         self._conns_lock = threading.Lock()
         self._local = threading.local()
+        self._moe: OffloadStats | None = None
+        self._moe_lock = threading.Lock()
         self._pid = self._owner_pid = os.getpid()
         self._finalizer = weakref.finalize(
             self, _shutdown, self._proc, self._owner_pid, self.socket_path, self._conns
@@ -289,11 +294,23 @@ class WorkerClient:
         """Return exactly one Response per Request, in input order."""
         if not batch:
             return []
-        out = cast("list[Response]", self._call("generate", list(batch)))
+        reply = cast("Generated", self._call("generate", list(batch)))
+        out = reply.responses
         if len(out) != len(batch):
             msg = f"worker returned {len(out)} responses for {len(batch)} requests"
             raise BackendError(msg, backend=self.spec.kind)
+        if reply.moe is not None:
+            with self._moe_lock:
+                self._moe = stats_sum([self._moe, reply.moe] if self._moe else [reply.moe])
         return out
+
+    def moe_stats(self) -> OffloadStats | None:
+        """What the worker's expert offload measured for this client's ``generate`` calls
+        (their replies' counters, summed; :meth:`stats` has the whole worker's). None: no
+        reply has carried any yet (the engine does not offload, or nothing was generated).
+        """
+        with self._moe_lock:
+            return self._moe
 
     def count_tokens(self, text: str, /) -> int:
         """Return the tokens of ``text`` as the model sees it (chat template included)."""

@@ -32,10 +32,12 @@ if TYPE_CHECKING:
     import socket
     from collections.abc import Callable, Iterator
 
-    from llmsql.backends.base import BackendSpec, Capabilities
+    from llmsql.backends.base import BackendSpec, Capabilities, Response
+    from llmsql.moe.plan import OffloadStats
 
-PROTOCOL_VERSION = 2
-"""Version of the wire format; 2 since the message classes moved to this module."""
+PROTOCOL_VERSION = 3
+"""Version of the wire format; 2 since the message classes moved to this module, 3 since a
+``generate`` reply is a :class:`Generated` (with its expert offload counters)."""
 
 ADMIN_CALLS: frozenset[str] = frozenset({"metrics", "reset_prefix_cache"})
 """Engine methods that clients may call through :meth:`.client.WorkerClient.admin`."""
@@ -89,6 +91,24 @@ class WorkerStats:
     """Connections open now: one per (client, thread) that has called the worker."""
     pid: int
     uptime_s: float
+    moe: OffloadStats | None = None
+    """What the engine's expert offload measured since the model loaded (None: the engine
+    does not offload experts)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Generated:
+    """The value of a ``generate`` reply: the responses, in request order, and what expert
+    offload measured while they ran.
+
+    Several clients' batches may run as one engine batch: its counters are then shared out
+    among them by their requests (:func:`llmsql.backends.moe_glue.stats_split`), so the
+    replies' counters add up to the worker's (:attr:`WorkerStats.moe`).
+    """
+
+    responses: list[Response]
+    moe: OffloadStats | None = None
+    """This batch's share of the offload counters (None: the engine does not offload)."""
 
 
 @dataclass(frozen=True, slots=True)

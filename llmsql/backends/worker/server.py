@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from llmsql.backends.base import BackendSpec, LLMBackend, Response
+from llmsql.backends.moe_glue import stats_delta, stats_split
 from llmsql.backends.worker.protocol import (
     ADMIN_CALLS,
     CLIENT_OPTIONS,
@@ -37,6 +38,7 @@ from llmsql.backends.worker.protocol import (
     DEFAULT_IDLE_TIMEOUT,
     PROTOCOL_VERSION,
     Call,
+    Generated,
     Reply,
     WorkerInfo,
     WorkerStats,
@@ -50,6 +52,8 @@ from llmsql.errors import BackendError, UnsupportedError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from llmsql.moe.plan import OffloadStats
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +123,8 @@ class _Server:
         self._counters = _Counters()
         self._conns: set[socket.socket] = set()
         self._started = time.monotonic()
+        self._moe_seen: OffloadStats | None = None
+        """The offload counters the replies have shared out so far (engine thread only)."""
 
     # -- engine loop (main thread)
     def serve(self, listener: socket.socket) -> None:
@@ -179,11 +185,25 @@ class _Server:
             group[0].future.set_exception(exc)
             return
         self._count(group, out)
+        shares = self._moe_shares([len(job.args[0]) for job in group])
         start = 0
-        for job in group:
+        for job, moe in zip(group, shares, strict=True):
             n = len(job.args[0])
-            job.future.set_result(out[start : start + n])
+            job.future.set_result(Generated(out[start : start + n], moe))
             start += n
+
+    def _moe_shares(self, requests: list[int]) -> list[OffloadStats | None]:
+        """What expert offload measured since the last replies, shared out by ``requests``
+        (all None when the engine does not offload). Counters that moved between batches
+        (or during a failed one) go with the next replies, so the replies add up to the
+        worker's counters.
+        """
+        now = _offload_stats(self._engine)
+        if now is None:
+            return [None] * len(requests)
+        delta = stats_delta(now, self._moe_seen)
+        self._moe_seen = now
+        return list(stats_split(delta, requests))
 
     def _count(self, group: list[_Job], out: list[Response]) -> None:
         with self._lock:
@@ -287,7 +307,9 @@ class _Server:
         return job.future.result()
 
     def stats(self) -> WorkerStats:
-        """Snapshot of the counters."""
+        """Snapshot of the counters (the engine's offload counters are read from this
+        connection thread: a locked snapshot, not an engine call).
+        """
         with self._lock:
             c = self._counters
             return WorkerStats(
@@ -295,7 +317,7 @@ class _Server:
                 engine_batches=c.engine_batches, prompt_tokens=c.prompt_tokens,
                 cached_tokens=c.cached_tokens, output_tokens=c.output_tokens,
                 engine_seconds=c.engine_seconds, connections=c.connections, pid=os.getpid(),
-                uptime_s=time.monotonic() - self._started,
+                uptime_s=time.monotonic() - self._started, moe=_offload_stats(self._engine),
             )  # fmt: skip
 
     def idle_for(self) -> float:
@@ -304,6 +326,12 @@ class _Server:
             if self._counters.connections:
                 return 0.0
             return time.monotonic() - self._counters.last_seen
+
+
+def _offload_stats(engine: LLMBackend) -> OffloadStats | None:
+    """The engine's cumulative expert offload counters (None: it does not offload)."""
+    measure = getattr(engine, "moe_stats", None)
+    return cast("OffloadStats | None", measure()) if callable(measure) else None
 
 
 def _same_user(conn: socket.socket) -> bool:

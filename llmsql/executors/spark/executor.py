@@ -102,6 +102,7 @@ from llmsql.executors.spark.worker import (
 )
 from llmsql.plan import ARG_PREFIX, GROUP_PREFIX, RESULT_COL, LLMCall, PromptBatch, QueryPlan
 from llmsql.step import StepEnv, known_answers, remember, result_type, run_call
+from llmsql.step.offload import offload_delta, offload_stats
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -549,10 +550,13 @@ class SparkExecutor:
             step = part.select([c for c in part.column_names
                                 if c.startswith((ARG_PREFIX, GROUP_PREFIX))])
             rendered = local_timestamps(step, self._time_zone())
+            before = offload_stats(local.backend_for(call.options.model))
             lookup, stats = run_call(call, rendered, local)
+            moe = offload_delta(local.backend_for(call.options.model), before)
             lookups.append(restore_keys(call, step, rendered, lookup))
             parts.append({"stats": dataclasses.asdict(stats),
-                          "rows": sum(rows) if rows is not None else part.num_rows})
+                          "rows": sum(rows) if rows is not None else part.num_rows,
+                          "moe": dataclasses.asdict(moe) if moe is not None else None})
         if env.on_batch is not None and seen:
             env.on_batch(*merge_batches(seen))
         self._register_lookup(call, lookups, schema)

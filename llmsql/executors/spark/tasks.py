@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import llmsql.errors as errors
+from llmsql.backends.moe_glue import stats_from_dict, stats_sum
 from llmsql.budget import Budget, PartSize, amount
 from llmsql.errors import BudgetExceeded, ExecutionError, LLMSQLError
 from llmsql.executors.spark.layout import CHARS_PER_TOKEN
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 
     import pyarrow as pa
     from pyspark.sql import DataFrame
+
+    from llmsql.moe.plan import OffloadStats
 
 KNOWN_COLLECT_ROWS = 1024
 """A call with at most this many distinct inputs (such as a selectivity sample) has its
@@ -52,6 +55,8 @@ class PartitionReport:
     lead_values: tuple[str, ...] | None
     worker: dict[str, Any]
     """The worker's cumulative counters after the task (:class:`WorkerStats` fields)."""
+    moe: OffloadStats | None = None
+    """What the worker's expert offload measured for this task's batches (None: none)."""
 
 
 # ---- statistics -----------------------------------------------------------------------------
@@ -84,6 +89,8 @@ def merge_stats(call: LLMCall, parts: Sequence[dict[str, Any]]) -> CallStats:
         out.notes = tuple(f"{n}{suffix}" for n in biggest["stats"].get("notes", ()))
     task_notes = [n for p in parts for n in p.get("notes", ())]
     out.notes = (*out.notes, *dict.fromkeys(task_notes))
+    measured = [stats_from_dict(p["moe"]) for p in parts if p.get("moe") is not None]
+    out.moe = stats_sum(measured).describe() if measured else None
     return out
 
 
@@ -97,7 +104,8 @@ def partition_report(call: LLMCall, p: dict[str, Any]) -> PartitionReport:
                            int(w.get("pid", 0)), int(w.get("model_loads", 0)), int(p["rows"]),
                            int(p["stats"].get("prompt_tokens", 0)),
                            int(p["stats"].get("cached_tokens", 0)),
-                           tuple(lead) if lead is not None else None, dict(w))
+                           tuple(lead) if lead is not None else None, dict(w),
+                           stats_from_dict(p["moe"]) if p.get("moe") is not None else None)
 
 
 def _index_of(items: list[tuple[int, ...]], item: tuple[int, ...]) -> int:

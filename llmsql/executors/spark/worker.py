@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, cast
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from llmsql.backends.moe_glue import stats_delta
 from llmsql.backends.worker import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_STARTUP_TIMEOUT,
@@ -82,6 +83,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
     from llmsql.backends.base import BackendSpec, LLMBackend
+    from llmsql.moe.plan import OffloadStats
     from llmsql.optimizer import RuleContext
     from llmsql.stats import CallStats
 
@@ -353,23 +355,49 @@ def local_timestamps(table: pa.Table, time_zone: str) -> pa.Table:
 
 
 @dataclass(slots=True)
+class _TaskClient:
+    """Attaches one task to this executor's worker (on first need) and measures the task's
+    expert offload: the client outlives tasks, so its counters when the task attached are
+    the task's baseline.
+    """
+
+    spec: BackendSpec
+    client: WorkerClient | None = None
+    before: OffloadStats | None = None
+
+    def __call__(self) -> WorkerClient:
+        self.client = worker_backend(self.spec)
+        self.before = self.client.moe_stats()
+        return self.client
+
+    def moe(self) -> OffloadStats | None:
+        """What offload measured for this task's batches (None: no offload, or never attached)."""
+        after = self.client.moe_stats() if self.client is not None else None
+        return stats_delta(after, self.before) if after is not None else None
+
+
+@dataclass(slots=True)
 class _Attempt:
     """One answered partition: the lookup, its statistics and the backend that answered."""
 
     lookup: pa.Table
     stats: CallStats
     backend: LazyBackend
+    moe: OffloadStats | None = None
+    """What expert offload measured for this partition's batches (None: no offload)."""
 
 
 def _env(spec: BackendSpec, rule_ctx: RuleContext, on_error: str, cache: ResultCache | None,
-         budget: BudgetMeter | None) -> tuple[StepEnv, LazyBackend]:
+         budget: BudgetMeter | None, attach: _TaskClient | None = None,
+         ) -> tuple[StepEnv, LazyBackend]:
     """The step's environment on an executor.
 
-    The worker is attached to lazily: a partition answered entirely by the result cache (and
-    whose model capabilities the cache recorded) never starts it. The model identity is the
-    spec's :func:`~llmsql.cache.model_key`, as on the driver, so both share cache entries.
+    The worker is attached to lazily (by ``attach``): a partition answered entirely by the
+    result cache (and whose model capabilities the cache recorded) never starts it. The
+    model identity is the spec's :func:`~llmsql.cache.model_key`, as on the driver, so both
+    share cache entries.
     """
-    backend = LazyBackend(spec, lambda: worker_backend(spec), cache)
+    backend = LazyBackend(spec, attach or _TaskClient(spec), cache)
     env = StepEnv(
         backend_for=lambda _model: cast("LLMBackend", backend),
         rule_ctx=lambda b: dataclasses.replace(rule_ctx, capabilities=b.capabilities),
@@ -386,7 +414,8 @@ def _run(call: LLMCall, inputs: pa.Table, spec: BackendSpec, rule_ctx: RuleConte
          budget: BudgetMeter | None = None) -> _Attempt:
     """``run_call`` on this executor's worker; one retry when the worker was lost."""
     for attempt in (1, 2):
-        env, backend = _env(spec, rule_ctx, on_error, cache, budget)
+        attach = _TaskClient(spec)
+        env, backend = _env(spec, rule_ctx, on_error, cache, budget, attach)
         if known:
             remember(call, backend.model_id(), known, env.known)
         try:
@@ -396,7 +425,11 @@ def _run(call: LLMCall, inputs: pa.Table, spec: BackendSpec, rule_ctx: RuleConte
                 raise
             _forget(cast("WorkerClient", backend.backend()))
             continue
-        return _Attempt(lookup, stats, backend)
+        moe = attach.moe()
+        if moe is not None:  # the step's own line counts from the client's first call,
+            # which may be an earlier task's (the client is kept per executor process)
+            stats.moe = moe.describe()
+        return _Attempt(lookup, stats, backend, moe)
     msg = "unreachable"
     raise AssertionError(msg)
 
@@ -480,6 +513,7 @@ def _report(task: StepTask, part: int, rows: int, inputs: pa.Table,
         "rows": rows,
         "executor": f"{socket.gethostname()}:{executor_jvm()[0]}",
         "worker": worker,
+        "moe": None if done is None or done.moe is None else dataclasses.asdict(done.moe),
         "lead": lead,
         "model_id": done.backend.model_id() if done is not None else None,
         "notes": [],
