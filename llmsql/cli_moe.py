@@ -8,7 +8,9 @@ chat template), runs them through the model recording each MoE layer's routing
 (:func:`llmsql.engine.moe.trace.record_routing`), trains the learned expert predictor on that
 trace (:func:`llmsql.engine.moe.learned.train_predictor`), stores it next to the model
 (``<model>/llmsql_moe/predictor.pt``, its measured figures in ``predictor.json``), where
-``predictor='auto'`` finds it, and prints the held-out precision per lookahead distance.
+``predictor='auto'`` finds it, and prints the held-out precision per lookahead distance. Beside
+it goes the routing table the ``expert_order`` rule orders rows with
+(``predictor.routing.json``, :mod:`llmsql.engine.moe.token_table`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmsql.errors import ConfigError
+from llmsql.moe.affinity import table_path
 
 if TYPE_CHECKING:
     import argparse
@@ -114,7 +117,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
           f"{trace.num_experts} experts, top-{trace.top_k}")
     for line in metrics_lines(metrics):
         print(line)
-    print(f"wrote {path} and {path.with_suffix('.json')}")
+    print(f"wrote {path}, {path.with_suffix('.json')} and {table_path(path)}")
     return 0
 
 
@@ -125,7 +128,9 @@ def _profile(folder: Path, prompts: Sequence[str], args: argparse.Namespace, max
     from llmsql.engine import load_model, load_tokenizer
     from llmsql.engine.moe import routers_of
     from llmsql.engine.moe.learned import save_predictor, train_predictor
+    from llmsql.engine.moe.token_table import routing_table
     from llmsql.engine.moe.trace import record_routing
+    from llmsql.moe.affinity import save_table
     from llmsql.moe.options import default_profile_path
 
     tokenizer = load_tokenizer(folder)
@@ -137,6 +142,7 @@ def _profile(folder: Path, prompts: Sequence[str], args: argparse.Namespace, max
                                          routers=routers_of(model, trace.layers))
     path = Path(args.out).expanduser() if args.out else default_profile_path(folder)
     save_predictor(predictor, metrics, path)
+    save_table(routing_table(trace), table_path(path))  # the expert_order rule's table
     return trace, metrics, path
 
 

@@ -53,6 +53,7 @@ from llmsql.explain import render as render_explain
 from llmsql.moe.options import OPTION_NAMES
 from llmsql.optimizer import PlanContext, PredicateSample, RuleContext, optimize_plan
 from llmsql.optimizer.cost import CostModel
+from llmsql.optimizer.expert_order import SpecRouting
 from llmsql.parse import parse
 from llmsql.plan import LLMCall, PromptBatch, QueryPlan
 from llmsql.planner import plan_query
@@ -282,7 +283,8 @@ class Session:
         size = self._config.batch_size or (2048 if concurrent else 64)
         optimize = self._config.optimize
         return RuleContext(capabilities=caps, batch_size=size, reorder=optimize,
-                           warm=self._config.warm_prefixes and optimize)
+                           warm=self._config.warm_prefixes and optimize,
+                           experts=SpecRouting(self.spec()))  # expert_order's lookup
 
     # -- queries -----------------------------------------------------------------------------
 

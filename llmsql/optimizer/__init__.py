@@ -27,6 +27,7 @@ from llmsql.errors import LLMSQLError, OptimizerError
 from llmsql.optimizer.batch_by_length import batch_by_length
 from llmsql.optimizer.context import RuleContext
 from llmsql.optimizer.dedup_prompts import dedup_prompts
+from llmsql.optimizer.expert_order import expert_order
 from llmsql.optimizer.order_llm_predicates import order_llm_predicates
 from llmsql.optimizer.plan_context import PlanContext, PredicateSample, Sampler
 from llmsql.optimizer.reorder_prompts import reorder_prompts
@@ -52,6 +53,9 @@ RULES: tuple[Rule, ...] = (
     dedup_prompts,
     # Then choose row and field order over the distinct prompts (needs dedup's reps).
     reorder_prompts,
+    # Within those prefix groups, rows whose predicted experts overlap share an engine step
+    # (expert offload with a routing table only; sets batches of the engine's step size).
+    expert_order,
     # Needs contiguous prefix groups: windows that fit the engine's cache, and one warm-up
     # per shared prefix where the engine does not share prefixes within a batch.
     warm_prefixes,

@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING
 from llmsql.backends.base import Capabilities
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
+
+    from llmsql.moe.affinity import ExpertRouting
 
 
 def values_key(values: Sequence[str], /) -> int:
@@ -89,3 +91,7 @@ class RuleContext:
     """Field orders already chosen over the call's whole input (Spark: on the driver, then
     each partition's rules keep them): ``reorder_prompts`` orders only the rows of a batch
     whose every row is pinned. None: the rule chooses over the batch's rows."""
+    experts: Callable[[str | None], ExpertRouting | None] | None = None
+    """A call's model name (None: the session's) -> its expert offload figures and routing
+    table, or None without expert offload (``expert_order``). None: no such lookup (Spark
+    workers, tests)."""

@@ -251,3 +251,31 @@ def test_batch_size_one_gives_one_prompt_per_batch() -> None:
     r = reorder_prompts(dedup_prompts(movies(), ctx), ctx)
     b = batch_by_length(r, ctx)
     assert b.batches == tuple(range(len(r.send_order())))
+
+
+def test_expert_order_keeps_every_prompt_and_the_prefix_groups(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """(expert offload only; the rule's own tests: test_expert_order.py)"""
+    import itertools
+    import sys
+
+    from llmsql.moe.affinity import ExpertRouting, RoutingTable
+    from llmsql.moe.plan import MoEShape
+    from llmsql.optimizer.expert_order import expert_order
+
+    module = sys.modules["llmsql.optimizer.expert_order"]
+    monkeypatch.setattr(module, "MIN_PREDICTED_SAVING", 0.0)  # (it predicts 4% here)
+    table = RoutingTable((0,), 8, 2, {ord("x"): ((0, 1),), **{
+        ord(c): ((2, 3) if c < "5" else (4, 5),) for c in "0123456789"}})
+    routing = ExpertRouting(MoEShape(1, 8, 2, 4, 8), 4, 2, table, "t",
+                            tokenize=lambda s: list(s.encode()), plan="lru")
+    ctx = RuleContext(capabilities=SHARING, experts=lambda _model: routing)
+    before = reorder_prompts(dedup_prompts(movies(), ctx), ctx)
+    after = expert_order(before, ctx)
+    assert after.order != before.order
+    assert row_fields(after) == row_fields(before)
+
+    def runs(b: PromptBatch) -> list[str]:  # the synopsis groups, in send order
+        return [k for k, _ in itertools.groupby(b.values[0][i] for i in b.send_order())]
+
+    assert runs(after) == runs(before)

@@ -50,6 +50,9 @@ class RoutingTrace:
         model: a description of the model (class, config summary).
         tokens_seen: tokens run through the model (before subsampling to ``N``).
         prompts: prompts (rows) run.
+        token_ids: (N,) integer CPU: each recorded token's id (None in traces written before
+            ids were recorded); the routing table of the ``expert_order`` rule counts them
+            (:mod:`llmsql.engine.moe.token_table`).
     """
 
     layers: tuple[int, ...]
@@ -61,6 +64,7 @@ class RoutingTrace:
     tokens_seen: int = 0
     prompts: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    token_ids: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -75,6 +79,7 @@ class RoutingTrace:
             "tokens_seen": self.tokens_seen, "prompts": self.prompts, "meta": dict(self.meta),
             "hidden": {str(i): t for i, t in self.hidden.items()},
             "routes": {str(i): t for i, t in self.routes.items()},
+            **({} if self.token_ids is None else {"token_ids": self.token_ids}),
         }, path)
 
     @classmethod
@@ -144,7 +149,8 @@ def record_routing(
             ids, mask = _as_batch(batch)
             with torch.no_grad():
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            sink.commit(mask.reshape(-1).bool(), prompts=int(ids.shape[0]))
+            sink.commit(mask.reshape(-1).bool(), prompts=int(ids.shape[0]),
+                        ids=ids.reshape(-1))
     return sink.trace(_describe(model), _num_experts(model, found), _top_k(sink))
 
 
@@ -183,12 +189,13 @@ class _Sink:
         self.hidden: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
         self.routes: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
         self.keys: list[torch.Tensor] = []
+        self.ids: list[torch.Tensor] = []
         self.seen = self.prompts = 0
 
     def see(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
         self.pending.setdefault(layer, []).append((hidden, top_k_index))
 
-    def commit(self, keep: torch.Tensor, *, prompts: int) -> None:
+    def commit(self, keep: torch.Tensor, *, prompts: int, ids: torch.Tensor) -> None:
         calls, self.pending = self.pending, {}
         n = int(keep.sum())
         for layer in self.layers:
@@ -201,6 +208,7 @@ class _Sink:
                 raise ConfigError(msg)
             self.hidden[layer].append(hidden[keep.to(hidden.device)].to("cpu", torch.float16))
             self.routes[layer].append(routes[keep.to(routes.device)].to("cpu", torch.int32))
+        self.ids.append(ids[keep.to(ids.device)].to("cpu", torch.int32))
         self.keys.append(torch.rand(n, generator=self.generator))
         self.seen, self.prompts = self.seen + n, self.prompts + prompts
         if sum(k.numel() for k in self.keys) > 2 * self.max_tokens:
@@ -211,6 +219,7 @@ class _Sink:
         kept = torch.sort(torch.topk(keys, min(self.max_tokens, keys.numel()),
                                      largest=False).indices).values
         self.keys = [keys[kept]]
+        self.ids = [torch.cat(self.ids)[kept]]
         for layer in self.layers:
             self.hidden[layer] = [torch.cat(self.hidden[layer])[kept]]
             self.routes[layer] = [torch.cat(self.routes[layer])[kept]]
@@ -223,7 +232,7 @@ class _Sink:
         routes = {i: self.routes[i][0] for i in self.layers}
         return RoutingTrace(tuple(sorted(self.layers)), num_experts, top_k,
                             {i: self.hidden[i][0] for i in self.layers}, routes, model,
-                            self.seen, self.prompts)
+                            self.seen, self.prompts, token_ids=self.ids[0])
 
 
 @contextmanager
@@ -327,6 +336,10 @@ def _from_dict(data: dict[str, Any]) -> RoutingTrace:
     if list(layers) != sorted(set(layers)) or not layers:
         msg = f"layers {list(layers)} are not ascending"
         raise ValueError(msg)
+    ids = data.get("token_ids")  # absent in traces written before ids were recorded
+    if ids is not None and (ids.dim() != 1 or int(ids.shape[0]) not in counts):
+        msg = f"token_ids of shape {tuple(ids.shape)} do not match {counts} tokens"
+        raise ValueError(msg)
     return RoutingTrace(layers, int(data["num_experts"]), k, hidden, routes,
                         str(data["model"]), int(data["tokens_seen"]), int(data["prompts"]),
-                        dict(data.get("meta", {})))
+                        dict(data.get("meta", {})), ids)
