@@ -283,7 +283,7 @@ def _bind(node: LLMFunc, kind: CallKind, sql: str) -> _Bound:
             if key in options:
                 msg = f"{name} option {key!r} is given twice"
                 raise PlanError(msg, sql=sql, line=line, col=col)
-            options[key] = _option_value(arg.expression, key, name, sql, line, col)
+            options[key] = option_value(arg.expression, key, name, sql, line, col)
         else:
             fields.append(_field(arg, name, sql))
     _check_unique(fields, name, sql, line, col)
@@ -320,9 +320,12 @@ def _check_unique(fields: list[Field], func: str, sql: str, line: int | None,
         seen.add(f.name)
 
 
-def _option_value(
+def option_value(
     value: exp.Expression, key: str, func: str, sql: str, line: int | None, col: int | None
 ) -> object:
+    """A call option's constant value (string, number, boolean or list of strings); a
+    PlanError naming ``func`` and ``key`` for anything else.
+    """
     if isinstance(value, exp.Literal):
         return value.name if value.is_string else _number(value.name)
     if isinstance(value, exp.Neg) and isinstance(value.this, exp.Literal):
