@@ -258,10 +258,15 @@ class ExpertOffload:
                     break
             time.sleep(0.0005)
         if self._cuda:
-            torch.cuda.current_stream(self.device).wait_stream(self._miss_stream)
+            # every copy issued so far (the sweep's one layer ahead too) lands before
+            # anything the new plan copies or computes: both streams wait for compute
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self._miss_stream)
+            current.wait_stream(self._copy_stream)
             event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.device))
+            event.record(current)
             self._copy_stream.wait_event(event)  # type: ignore[union-attr]
+            self._miss_stream.wait_event(event)  # type: ignore[union-attr]
         self.table = SlotTable(self.slots, layers=self.layers, policy=self.table.policy)
         self._loads.clear()
         self._last_use.clear()
@@ -365,8 +370,9 @@ class ExpertOffload:
         """A queued prefetch the layer now needs is copied at once (it is a miss now)."""
         with self._cv:
             load = self._loads.get(key)
-            if load is None or load.demand or load not in self._prefetch:
-                return
+            if (load is None or load.demand or load is self._busy
+                    or load not in self._prefetch):
+                return  # the copy thread finishes the one it is copying
             self._prefetch.remove(load)
             load.demand = True
         self._copy_now(load)
