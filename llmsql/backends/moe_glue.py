@@ -181,6 +181,14 @@ def stats_delta(after: OffloadStats, before: OffloadStats | None, /) -> OffloadS
     return OffloadStats(**changes)
 
 
+def backend_moe_stats(backend: Any, /) -> OffloadStats | None:
+    """A backend's cumulative expert offload counters: its ``moe_stats()`` (None when it
+    has none, or does not offload).
+    """
+    measure = getattr(backend, "moe_stats", None)
+    return measure() if callable(measure) else None
+
+
 def stats_sum(parts: Iterable[OffloadStats], /) -> OffloadStats:
     """Several measurements as one (e.g. a call's, over the Spark workers that ran it):
     counts add up; the rates (:attr:`~OffloadStats.hit_rate`, ...) follow from the sums.
@@ -322,7 +330,7 @@ def plan_line(spec: BackendSpec, *, rows: int, prompt_tokens: int) -> str | None
     if folder is None:
         return "moe: the model is not on disk yet, so no plan is estimated"
     shape = model_shape(folder, moe, dtype=shape_dtype(options))
-    step_rows = min(max(rows, 1), _batch_rows(options))
+    step_rows = min(max(rows, 1), batch_rows(options))
     tokens = max(1, round(step_rows * prompt_tokens / max(rows, 1)))
     accuracy, how = predictor_accuracy(folder, moe)
     est = choose_plan(shape, slots=slots_for(shape, moe.expert_cache), tokens=tokens,
@@ -330,7 +338,10 @@ def plan_line(spec: BackendSpec, *, rows: int, prompt_tokens: int) -> str | None
     return f"{est.describe()}; {how}, lookahead {moe.lookahead}"
 
 
-def _batch_rows(options: Mapping[str, Any]) -> int:
+def batch_rows(options: Mapping[str, Any]) -> int:
+    """The transformers backend's rows per engine step: its ``batch_size`` option (16 by
+    default, also for a value the backend itself will refuse).
+    """
     value = options.get("batch_size")
     try:
         return max(1, int(value)) if value is not None else 16

@@ -177,6 +177,7 @@ def expert_routing(spec: BackendSpec) -> ExpertRouting | None:
         ConfigError: bad MoE options, or an unreadable routing table.
     """
     from llmsql.backends.moe_glue import (
+        batch_rows,
         model_shape,
         moe_backend_options,
         predictor_accuracy,
@@ -200,22 +201,13 @@ def expert_routing(spec: BackendSpec) -> ExpertRouting | None:
     shape = model_shape(folder, moe, dtype=shape_dtype(options))
     table = load_table(file) if file.is_file() else None
     routing = ExpertRouting(
-        shape, slots_for(shape, moe.expert_cache), _step_rows(options), table, str(file),
+        shape, slots_for(shape, moe.expert_cache), batch_rows(options), table, str(file),
         tokenize=_tokenizer(spec.model) if table is not None else None, plan=moe.plan,
         accuracy=predictor_accuracy(folder, moe)[0], lookahead=moe.lookahead)
     if len(_MEMO) >= _MEMO_SIZE:
         _MEMO.pop(next(iter(_MEMO)))
     _MEMO[key] = routing
     return routing
-
-
-def _step_rows(options: dict[str, object]) -> int:
-    """The transformers backend's rows per engine step (its ``batch_size``, default 16)."""
-    value = options.get("batch_size")
-    try:
-        return max(1, int(str(value))) if value is not None else 16
-    except ValueError:
-        return 16
 
 
 def _tokenizer(model: str | None) -> Callable[[str], list[int]] | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from llmsql.backends.moe_glue import stats_delta
+from llmsql.backends.moe_glue import backend_moe_stats, stats_delta
 from llmsql.cache import LazyBackend
 
 if TYPE_CHECKING:
@@ -28,8 +28,7 @@ def offload_stats(backend: Any, /) -> OffloadStats | None:
         if not backend.built:
             return None
         backend = backend.backend()
-    measure = getattr(backend, "moe_stats", None)
-    return measure() if callable(measure) else None
+    return backend_moe_stats(backend)
 
 
 def offload_delta(backend: Any, before: OffloadStats | None, /) -> OffloadStats | None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from llmsql.backends.base import BackendSpec, LLMBackend, Response
-from llmsql.backends.moe_glue import stats_delta, stats_split
+from llmsql.backends.moe_glue import backend_moe_stats, stats_delta, stats_split
 from llmsql.backends.worker.protocol import (
     ADMIN_CALLS,
     CLIENT_OPTIONS,
@@ -198,7 +198,7 @@ class _Server:
         (or during a failed one) go with the next replies, so the replies add up to the
         worker's counters.
         """
-        now = _offload_stats(self._engine)
+        now = backend_moe_stats(self._engine)
         if now is None:
             return [None] * len(requests)
         delta = stats_delta(now, self._moe_seen)
@@ -317,7 +317,7 @@ class _Server:
                 engine_batches=c.engine_batches, prompt_tokens=c.prompt_tokens,
                 cached_tokens=c.cached_tokens, output_tokens=c.output_tokens,
                 engine_seconds=c.engine_seconds, connections=c.connections, pid=os.getpid(),
-                uptime_s=time.monotonic() - self._started, moe=_offload_stats(self._engine),
+                uptime_s=time.monotonic() - self._started, moe=backend_moe_stats(self._engine),
             )  # fmt: skip
 
     def idle_for(self) -> float:
@@ -326,12 +326,6 @@ class _Server:
             if self._counters.connections:
                 return 0.0
             return time.monotonic() - self._counters.last_seen
-
-
-def _offload_stats(engine: LLMBackend) -> OffloadStats | None:
-    """The engine's cumulative expert offload counters (None: it does not offload)."""
-    measure = getattr(engine, "moe_stats", None)
-    return cast("OffloadStats | None", measure()) if callable(measure) else None
 
 
 def _same_user(conn: socket.socket) -> bool:

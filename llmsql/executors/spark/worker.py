@@ -53,7 +53,6 @@ from typing import TYPE_CHECKING, Any, cast
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from llmsql.backends.moe_glue import stats_delta
 from llmsql.backends.worker import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_STARTUP_TIMEOUT,
@@ -77,6 +76,7 @@ from llmsql.errors import (
 from llmsql.plan import ARG_PREFIX, GROUP_PREFIX, RESULT_COL, LLMCall
 from llmsql.progress import NoProgress
 from llmsql.step import KnownAnswers, StepEnv, distinct_rows, remember, result_type, run_call
+from llmsql.step.offload import offload_delta
 
 if TYPE_CHECKING:
     import subprocess
@@ -372,8 +372,7 @@ class _TaskClient:
 
     def moe(self) -> OffloadStats | None:
         """What offload measured for this task's batches (None: no offload, or never attached)."""
-        after = self.client.moe_stats() if self.client is not None else None
-        return stats_delta(after, self.before) if after is not None else None
+        return offload_delta(self.client, self.before) if self.client is not None else None
 
 
 @dataclass(slots=True)
