@@ -4,21 +4,24 @@ After ProMoE (Song et al.): each MoE layer's fused ``experts`` module is replace
 :class:`OffloadedExperts` that computes with slots of one shared GPU pool
 (``gate_up[S, 2I, H]``, ``down[S, H, I]``); the experts themselves stay in (pinned) host
 memory, one contiguous slab per layer. An :class:`ExpertOffload` runtime owns the pool, the
-slot table (:mod:`~llmsql.engine.moe.cache`), a copy thread with its own CUDA stream, the
-predictor and the measurements.
+slot table (:mod:`~llmsql.engine.moe.cache`), a prefetch thread with its own CUDA stream, a
+high-priority stream for misses, the predictor and the measurements.
 
 The mechanism, per MoE layer call:
 
 1. The router has spoken: the layer's needed experts are known. Queued prefetches for this
-   layer that it does not need are dropped (early preemption); needed experts that are not
-   resident are queued *on demand*, ahead of every prefetch.
+   layer that it does not need are dropped (early preemption).
 2. The predictor looks ahead (``lookahead`` layers) and queues prefetches, best first.
-3. Experts compute as they become ready, resident ones first (reordered inference), each
-   waiting on its copy's CUDA event; a slot is pinned while its expert computes and a CUDA
-   event records its last use, so no copy overwrites it early.
+3. The resident (and arrived) experts compute first, as one grouped computation over their
+   slots (:func:`grouped_experts`: two grouped GEMMs, no host sync per expert); then the
+   misses, which this thread copies at once on the miss stream (taking over a queued
+   prefetch of one), compute as a second group (reordered inference). Slots are pinned
+   while their group is issued, and a CUDA event records their last use, so no copy
+   overwrites them early.
 
-The copy thread issues copies in chunks (``chunk_bytes``), at most two in flight, and checks
-for on-demand work between chunks: a miss overtakes a prefetch half-way (chunked prefetch).
+The prefetch thread issues copies in chunks (``chunk_bytes``), at most :data:`IN_FLIGHT` in
+flight, so a miss's copy shares the link with little (chunked prefetch); a copy into a slot
+waits for the slot's last reader and its last writer on the other stream.
 
 Plans (:data:`llmsql.moe.options.PLANS`): ``lru`` loads on misses only, LRU eviction;
 ``predictive`` prefetches from the predictor, cyclic (Belady) eviction; ``layer_sweep``
@@ -572,13 +575,12 @@ def _grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> tor
     """Rows ``offs[g-1]:offs[g]`` of ``x`` times ``w[g]``ᵀ for every group ``g`` (rows past
     ``offs[-1]`` are left undefined): torch's grouped GEMM, or a loop where it is missing.
     """
-    global _GROUPED_MM
     fn = getattr(nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
     if fn is not None and _GROUPED_MM.get(x.device.type, True):
         try:
             return fn(x.to(w.dtype), w.transpose(-2, -1), offs=offs)
         except (RuntimeError, NotImplementedError):
-            _GROUPED_MM = {**_GROUPED_MM, x.device.type: False}
+            _GROUPED_MM[x.device.type] = False
     y = x.new_zeros((x.shape[0], w.shape[1]))
     start = 0
     for g, end in enumerate(offs.tolist()):
