@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmsql.adapters import AdapterRecord, LoraOptions
 from llmsql.config import SessionConfig
 from llmsql.dataframe import frame
 from llmsql.errors import (
@@ -47,12 +48,14 @@ def unload_ipython_extension(ipython: Any) -> None:
 
 
 __all__ = [
+    "AdapterRecord",
     "BackendError",
     "ConfigError",
     "ContextLengthError",
     "ExecutionError",
     "Explain",
     "LLMSQLError",
+    "LoraOptions",
     "OptimizerError",
     "ParseError",
     "PlanError",

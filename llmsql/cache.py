@@ -173,6 +173,8 @@ def request_key(model: str, req: Request, /) -> bytes:
                req.ignore_eos]
     if req.choice_probs:  # asked for probabilities: another answer (keys without it unchanged)
         payload.append("choice_probs")
+    if req.adapter is not None:  # a LoRA adapter: its weights' digest (keys without unchanged)
+        payload.append(["adapter", req.adapter.digest])
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).digest()
 
 

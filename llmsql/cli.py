@@ -60,7 +60,16 @@ def _parser() -> argparse.ArgumentParser:
     _serve_args(sub.add_parser("serve", help="serve a local model over an OpenAI-compatible "
                                "HTTP API (chat completions, completions, models)"))
     add_profile_command(sub)
+    ads = sub.add_parser("adapters", help="list the LoRA adapters (as SHOW ADAPTERS; loads no "
+                         "model)")
+    _adapter_folder_arg(ads)
+    ads.add_argument("--max-rows", type=int, default=50, help="rows shown")
     return ap
+
+
+def _adapter_folder_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapters", metavar="PATH", help="the folder of the LoRA adapters "
+                   "(CREATE ADAPTER; default: $XDG_DATA_HOME/llmsql/adapters)")
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -114,6 +123,7 @@ def _query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
                    help="an llmsql setting, as SET llmsql.NAME = VALUE, e.g. max_calls=1000, "
                    "max_cost_usd=2.5 (repeatable)")
+    _adapter_folder_arg(p)
     add_moe_flags(p)
 
 
@@ -176,7 +186,7 @@ def _session(args: argparse.Namespace, *, dry_run: bool = False,
                          progress=progress, optimize=not args.no_optimize,
                          batch_size=args.batch_size, cache=cache,
                          on_error=args.on_error or "null", engine=args.engine,
-                         spark=args.master, **options)
+                         spark=args.master, adapters=args.adapters, **options)
     try:
         for name, value in _options(args.settings, flag="--set").items():
             con.set(name, value)
@@ -282,14 +292,20 @@ def _statements(query: str) -> list[tuple[str, Any]]:
     """
     import re
 
+    from sqlglot.errors import TokenError
     from sqlglot.tokens import TokenType
 
+    from llmsql.adapters.statements import is_adapter_statement, parse_adapter_statement
     from llmsql.dialect import LLMSQL
     from llmsql.parse import parse
 
-    parse(query)  # a syntax error is reported for the whole query, before anything runs
+    try:
+        tokens = LLMSQL().tokenize(query)
+    except TokenError:
+        parse(query)  # raises the ParseError that says where
+        raise
     bounds, start, seen = [], 0, False
-    for tok in LLMSQL().tokenize(query):
+    for tok in tokens:
         if tok.token_type == TokenType.SEMICOLON:
             if seen:
                 bounds.append((start, tok.start))
@@ -299,7 +315,9 @@ def _statements(query: str) -> list[tuple[str, Any]]:
     if seen:
         bounds.append((start, len(query)))
     texts = [re.sub(r"[^\n]", " ", query[:a]) + query[a:b] for a, b in bounds]
-    return [(text, parse(text)[0]) for text in texts]
+    # every statement is checked before anything runs (adapter statements by their parser)
+    return [(text, parse_adapter_statement(text) if is_adapter_statement(text)
+             else parse(text)[0]) for text in texts]
 
 
 def _returns_rows(tree: Any) -> bool:
@@ -394,6 +412,21 @@ def _null_note(nulls: int, *, stats: bool) -> str:
         return ""
     hint = "" if stats else " (run with --stats for details)"
     return f"note: {nulls} LLM answer(s) could not be used and are NULL{hint}"
+
+
+def _cmd_adapters(args: argparse.Namespace) -> int:
+    from llmsql.config import SessionConfig, adapter_folder
+    from llmsql.result import QueryStats, Result
+    from llmsql.step.adapter_runs import AdapterRuns, show_table
+
+    folder = adapter_folder(SessionConfig(dry_run=True, adapters=args.adapters))
+    records = AdapterRuns(folder).records()
+    if not records:
+        print(f"no adapters in {folder}; create one with llmsql run -e \"CREATE ADAPTER name "
+              "FOR LLM_FILTER('...', col) AS SELECT col, label FROM t\"", file=sys.stderr)
+        return 0
+    Result(show_table(records), QueryStats()).show(args.max_rows)
+    return 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -503,7 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_known_warnings()
     try:
         commands = {"run": _cmd_run, "explain": _cmd_explain, "serve": _cmd_serve,
-                    "moe-profile": cmd_profile}
+                    "moe-profile": cmd_profile, "adapters": _cmd_adapters}
         return commands[args.command](args)
     except (QueryInterrupted, KeyboardInterrupt) as exc:
         print(f"llmsql: {exc or 'interrupted'}", file=sys.stderr)

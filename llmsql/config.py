@@ -23,6 +23,7 @@ llmsql.errors.ConfigError: batch_size=0: ...
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Mapping
@@ -84,6 +85,13 @@ class SessionConfig:
     ``api_key_env``, ``concurrency``...; for ``transformers``, expert offload:
     ``expert_cache``, ``moe_plan``, ``predictor``, ``lookahead``, ``moe_profile`` (checked
     here, see :mod:`llmsql.moe.options`) (kept as a read-only copy)."""
+    adapters: str | os.PathLike[str] | None = None
+    """The folder of the session's LoRA adapters (``CREATE ADAPTER``); None: next to the
+    database file (``<file>.adapters``), or the user data folder for ``:memory:`` (see
+    :func:`llmsql.adapters.catalog.default_folder`)."""
+    slo_tpot_ms: float | None = None
+    """While an adapter trains on the session's backend, the queries' time per output token
+    objective in milliseconds (``SET llmsql.slo_tpot_ms``); None: none."""
 
     def __post_init__(self) -> None:
         _check_backend(self.backend)
@@ -98,6 +106,9 @@ class SessionConfig:
         _check_type("cache", self.cache, (bool, str, os.PathLike, type(None)),
                     "None, True, False or a file path")
         _check_batch_size(self.batch_size)
+        _check_type("adapters", self.adapters, (str, os.PathLike, type(None)),
+                    "None or the folder of the session's adapters")
+        _set(self, "slo_tpot_ms", check_slo_tpot_ms(self.slo_tpot_ms))
         settings = _initial_settings(self.on_error, self.budget)
         _set(self, "on_error", settings.on_error)
         _set(self, "budget", settings.budget)
@@ -138,6 +149,40 @@ def _check_backend(backend: Any) -> None:
             "model_id, close, capabilities)"
         )
         raise ConfigError(msg)
+
+
+def check_slo_tpot_ms(value: Any, /) -> float | None:
+    """The ``slo_tpot_ms`` setting checked: None, or milliseconds per output token > 0.
+
+    >>> check_slo_tpot_ms(50), check_slo_tpot_ms(None)
+    (50.0, None)
+
+    Raises:
+        ConfigError: anything else.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 < value < float("inf")):
+        msg = (f"slo_tpot_ms={value!r}: expected milliseconds per output token > 0 that "
+               "queries running beside adapter training should keep, e.g. SET "
+               "llmsql.slo_tpot_ms = 50; or NULL for no objective")
+        raise ConfigError(msg)
+    return float(value)
+
+
+def adapter_folder(config: SessionConfig, /) -> Path:
+    """Where a session with ``config`` keeps its adapters (``adapters=`` or next to its
+    database, see :func:`llmsql.adapters.catalog.default_folder`).
+    """
+    from llmsql.adapters.catalog import default_folder
+
+    if config.adapters is not None:
+        return Path(config.adapters).expanduser()
+    return default_folder(os.fspath(config.database))
 
 
 def _check_batch_size(value: Any) -> None:

@@ -106,13 +106,15 @@ class Options:
     temperature: float | None = None
     seed: int | None = None
     truncate: bool = False
+    adapter: str | None = None
 
     def pairs(self) -> list[tuple[str, object]]:
         """The options that were set, as ``(name, value)`` in a fixed order."""
         items = [("model", self.model), ("max_tokens", self.max_tokens),
                  ("temperature", self.temperature), ("seed", self.seed)]
         out: list[tuple[str, object]] = [(k, v) for k, v in items if v is not None]
-        return [*out, ("truncate", True)] if self.truncate else out
+        out += [("truncate", True)] if self.truncate else []
+        return [*out, ("adapter", self.adapter)] if self.adapter is not None else out
 
 
 def llm_call(
@@ -173,6 +175,7 @@ class LLMFrame:
         self, instruction: str, /, *fields: str, session: Session | None = None,
         model: str | None = None, max_tokens: int | None = None,
         temperature: float | None = None, seed: int | None = None, truncate: bool = False,
+        adapter: str | None = None,
     ) -> Any:
         """The rows for which the model answers Yes (``LLM_FILTER`` in WHERE).
 
@@ -181,6 +184,8 @@ class LLMFrame:
             *fields: columns put in the prompt as ``name: value`` lines.
             session: the session to run on.
             model, max_tokens, temperature, seed, truncate: as the SQL options.
+            adapter: a LoRA adapter of the session to run the call with (``adapter =>``;
+                see :meth:`create_adapter`).
 
         Returns:
             The kept rows, in their original order (pandas: original index).
@@ -188,7 +193,7 @@ class LLMFrame:
         Raises:
             PlanError: an unknown column or a bad option.
         """
-        opts = Options(model, max_tokens, temperature, seed, truncate)
+        opts = Options(model, max_tokens, temperature, seed, truncate, adapter)
         call = self._call(CallKind.FILTER, instruction, fields, opts.pairs(), "filter")
         query = exp.select(_col(ROW_COL)).where(call).order_by(_col(ROW_COL))
         table = self._run(query, call, session, "filter")
@@ -198,7 +203,7 @@ class LLMFrame:
         self, instruction: str, /, *fields: str, column: str = "answer",
         session: Session | None = None, model: str | None = None,
         max_tokens: int | None = None, temperature: float | None = None,
-        seed: int | None = None, truncate: bool = False,
+        seed: int | None = None, truncate: bool = False, adapter: str | None = None,
     ) -> Any:
         """Free-text answers per row (``LLM``), added as ``column``.
 
@@ -206,12 +211,13 @@ class LLMFrame:
             instruction: what to write; ``{column}`` placeholders are filled in.
             *fields: columns put in the prompt.
             column: the name of the new column (an existing one is replaced).
-            session, model, max_tokens, temperature, seed, truncate: as for :meth:`filter`.
+            session, model, max_tokens, temperature, seed, truncate, adapter: as for
+                :meth:`filter`.
 
         Returns:
             A new frame with ``column`` added.
         """
-        opts = Options(model, max_tokens, temperature, seed, truncate)
+        opts = Options(model, max_tokens, temperature, seed, truncate, adapter)
         call = self._call(CallKind.MAP, instruction, fields, opts.pairs(), "map")
         return self._add(call, column, session, "map")
 
@@ -219,7 +225,7 @@ class LLMFrame:
         self, instruction: str, /, *fields: str, labels: Sequence[str],
         column: str = "label", session: Session | None = None, model: str | None = None,
         max_tokens: int | None = None, temperature: float | None = None,
-        seed: int | None = None, truncate: bool = False,
+        seed: int | None = None, truncate: bool = False, adapter: str | None = None,
     ) -> Any:
         """One of ``labels`` per row (``LLM_CLASSIFY``), added as ``column``.
 
@@ -228,7 +234,8 @@ class LLMFrame:
             *fields: columns put in the prompt.
             labels: at least two distinct labels.
             column: the name of the new column.
-            session, model, max_tokens, temperature, seed, truncate: as for :meth:`filter`.
+            session, model, max_tokens, temperature, seed, truncate, adapter: as for
+                :meth:`filter`.
 
         Returns:
             A new frame with ``column`` added (NULL where no label matched).
@@ -237,7 +244,7 @@ class LLMFrame:
             PlanError: bad labels, an unknown column or a bad option.
         """
         opts = [("labels", _check_labels(labels)),
-                *Options(model, max_tokens, temperature, seed, truncate).pairs()]
+                *Options(model, max_tokens, temperature, seed, truncate, adapter).pairs()]
         call = self._call(CallKind.CLASSIFY, instruction, fields, opts, "classify")
         return self._add(call, column, session, "classify")
 
@@ -245,7 +252,7 @@ class LLMFrame:
         self, instruction: str, /, *fields: str, schema: str | Mapping[str, str],
         column: str | None = None, session: Session | None = None, model: str | None = None,
         max_tokens: int | None = None, temperature: float | None = None,
-        seed: int | None = None, truncate: bool = False,
+        seed: int | None = None, truncate: bool = False, adapter: str | None = None,
     ) -> Any:
         """Typed fields per row (``LLM_EXTRACT``).
 
@@ -256,13 +263,14 @@ class LLMFrame:
                 DOUBLE, FLOAT, BOOLEAN, DATE).
             column: None: one new column per schema field; a name: one struct column
                 (dicts in pandas).
-            session, model, max_tokens, temperature, seed, truncate: as for :meth:`filter`.
+            session, model, max_tokens, temperature, seed, truncate, adapter: as for
+                :meth:`filter`.
 
         Returns:
             A new frame with the extracted columns added (NULL where the answer failed).
         """
         opts = [("schema", _schema_text(schema)),
-                *Options(model, max_tokens, temperature, seed, truncate).pairs()]
+                *Options(model, max_tokens, temperature, seed, truncate, adapter).pairs()]
         call = self._call(CallKind.EXTRACT, instruction, fields, opts, "extract")
         if column is not None:
             return self._add(call, column, session, "extract")
@@ -276,7 +284,7 @@ class LLMFrame:
         self, instruction: str, /, *fields: str, column: str = "score",
         session: Session | None = None, model: str | None = None,
         max_tokens: int | None = None, temperature: float | None = None,
-        seed: int | None = None, truncate: bool = False,
+        seed: int | None = None, truncate: bool = False, adapter: str | None = None,
     ) -> Any:
         """How likely the answer is Yes, per row (``LLM_SCORE``), added as ``column``.
 
@@ -284,13 +292,14 @@ class LLMFrame:
             instruction: a yes/no question; ``{column}`` placeholders are filled in.
             *fields: columns put in the prompt.
             column: the name of the new column (an existing one is replaced).
-            session, model, max_tokens, temperature, seed, truncate: as for :meth:`filter`.
+            session, model, max_tokens, temperature, seed, truncate, adapter: as for
+                :meth:`filter`.
 
         Returns:
             A new frame with ``column`` added: a float in [0, 1] (P(Yes) where the backend
             gives probabilities, else the number the model answered), NULL where none.
         """
-        opts = Options(model, max_tokens, temperature, seed, truncate)
+        opts = Options(model, max_tokens, temperature, seed, truncate, adapter)
         call = self._call(CallKind.SCORE, instruction, fields, opts.pairs(), "score")
         return self._add(call, column, session, "score")
 
@@ -299,7 +308,7 @@ class LLMFrame:
         column: str | None = None, sort: bool = True, dropna: bool = True,
         as_index: bool = True, session: Session | None = None, model: str | None = None,
         max_tokens: int | None = None, temperature: float | None = None,
-        seed: int | None = None, truncate: bool = False,
+        seed: int | None = None, truncate: bool = False, adapter: str | None = None,
     ) -> Any:
         """One answer per group over all its rows (``LLM_AGG`` with ``GROUP BY by``).
 
@@ -312,7 +321,8 @@ class LLMFrame:
                 first name the frame does not use), so it never clashes with a group key.
             sort, dropna: as in ``DataFrame.groupby`` (NULL keys dropped; sorted keys).
             as_index: pandas only: group keys as the index (as ``groupby`` does).
-            session, model, max_tokens, temperature, seed, truncate: as for :meth:`filter`.
+            session, model, max_tokens, temperature, seed, truncate, adapter: as for
+                :meth:`filter`.
 
         Returns:
             With ``by``: a frame of the group keys and ``column``. Without: the one answer.
@@ -323,7 +333,7 @@ class LLMFrame:
         keys = [by] if isinstance(by, str) else list(by)
         self._check_columns(keys, "agg")
         column = self._agg_column(column, keys)
-        opts = Options(model, max_tokens, temperature, seed, truncate)
+        opts = Options(model, max_tokens, temperature, seed, truncate, adapter)
         call = self._call(CallKind.AGG, instruction, fields, opts.pairs(), "agg")
         query = _group_query(call, keys, sort=sort, dropna=dropna)
         table = self._run(query, call, session, "agg", extra=keys)
@@ -334,6 +344,56 @@ class LLMFrame:
         if self._kind is FrameKind.PANDAS and as_index:
             out = out.set_index(keys)
         return out
+
+    def create_adapter(
+        self, name: str, instruction: str, /, *fields: str, label: str,
+        function: str = "filter", labels: Sequence[str] | None = None,
+        schema: str | Mapping[str, str] | None = None, session: Session | None = None,
+        asynchronous: bool = False, **lora: Any,
+    ) -> Any:
+        """Train the LoRA adapter ``name`` on this frame's rows (``CREATE ADAPTER``) for the
+        call ``function(instruction, *fields)``; later calls take ``adapter=name``.
+
+        Args:
+            name: the adapter's name (letters, digits, ``_``).
+            instruction: the call's instruction, as the calls that will use it write it.
+            *fields: the call's prompt columns.
+            label: the column holding each row's expected answer (``filter``: booleans,
+                0/1 or yes/no; ``classify``: one of ``labels``; ``map``: text;
+                ``extract``: a dict or JSON with the schema's fields).
+            function: ``filter``, ``classify``, ``map`` or ``extract``.
+            labels, schema: the call's options for ``classify`` / ``extract``.
+            session: the session to run on.
+            asynchronous: return at once, train in the background (``ASYNC``).
+            **lora: ``USING LORA`` options (rank, alpha, target_modules, lr, epochs,
+                dropout, batch_size, seed, holdout).
+
+        Returns:
+            The adapter's ``SHOW ADAPTERS`` row as a :class:`~llmsql.result.Result`.
+
+        Raises:
+            ConfigError: the session's backend cannot train.
+            PlanError: a bad column, label, option, or a name already taken.
+        """
+        kinds = {"filter": CallKind.FILTER, "classify": CallKind.CLASSIFY,
+                 "map": CallKind.MAP, "extract": CallKind.EXTRACT}
+        kind = kinds.get(function.lower()) if isinstance(function, str) else None
+        if kind is None:
+            msg = (f"llm.create_adapter(): function must be one of {', '.join(kinds)}, got "
+                   f"{function!r}")
+            raise PlanError(msg)
+        opts: list[tuple[str, object]] = []
+        if labels is not None:
+            opts.append(("labels", _check_labels(labels)))
+        if schema is not None:
+            opts.append(("schema", _schema_text(schema)))
+        call = self._call(kind, instruction, fields, opts, "create_adapter")
+        self._check_columns([label], "create_adapter")
+        con = resolve_session(session or self._session)
+        columns = column_labels(self._data, self._kind)
+        table = to_arrow(self._data, self._kind, [columns[n] for n in [*fields, label]])
+        return con.create_adapter(name, call.sql(dialect=LLMSQL), table, label=label,
+                                  asynchronous=asynchronous, **lora)
 
     # -- helpers --------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from llmsql.backends.base import Capabilities
+from llmsql.backends.base import Capabilities, CoServeStats
 from llmsql.backends.profile import SendProfile
 from llmsql.optimizer.cost import CallCost, CostModel, call_cost
 from llmsql.udfs.llm_filter import CHOICES
@@ -282,9 +282,39 @@ def _without_comments(plan: QueryPlan) -> QueryPlan:
     return dataclasses.replace(plan, calls=calls, final=_uncommented(plan.final))
 
 
-def _call_lines(s: CallStats, estimate: CallEstimate | None, analyze: bool) -> list[str]:
+def coserve_line(before: CoServeStats | None, after: CoServeStats | None, /) -> str | None:
+    """ANALYZE's line on time shared with adapter training (the backend's co-serving
+    counters over the query), or None when nothing trained beside it.
+
+    >>> line = coserve_line(CoServeStats(), CoServeStats(2.0, 0.5, 900, 40, 1))
+    >>> for part in line.split("; "):
+    ...     print(part)
+      shared with adapter training: 40 inference passes had fine-tuning beside them
+    inference 2.000s, fine-tuning 0.500s (900 tokens, 20.0% of the time)
+    1 pass slower than the SLO (llmsql.slo_tpot_ms)
+    """
+    if after is None:
+        return None
+    b = before or CoServeStats()
+    iters = after.iterations - b.iterations
+    if iters <= 0:
+        return None
+    inf = after.inference_seconds - b.inference_seconds
+    ft = after.finetune_seconds - b.finetune_seconds
+    misses = after.slo_misses - b.slo_misses
+    return (f"  shared with adapter training: {iters:,} inference passes had fine-tuning "
+            f"beside them; inference {inf:.3f}s, fine-tuning {ft:.3f}s "
+            f"({after.finetune_tokens - b.finetune_tokens:,} tokens, "
+            f"{_pct(int(ft * 1e6), int((inf + ft) * 1e6))} of the time); {misses:,} "
+            f"pass{'es' if misses != 1 else ''} slower than the SLO (llmsql.slo_tpot_ms)")
+
+
+def _call_lines(s: CallStats, estimate: CallEstimate | None, analyze: bool,
+                adapter: str | None = None) -> list[str]:
     lines = [f"  {s.call_id} {s.where}: rows in {s.rows_in:,}, "
              f"distinct prompts {s.distinct_prompts:,}"]
+    if adapter is not None:
+        lines.append(f"    adapter: {adapter} (LoRA, on the base model)")
     if estimate is not None:
         lines += _cost_lines(estimate)
     times = dict(s.rule_seconds)
@@ -338,18 +368,24 @@ def render(
     model: CostModel,
     analyze: bool = False,
     samples: Sequence[FilterSample] = (),
+    training: str | None = None,
 ) -> str:
-    """The EXPLAIN (or EXPLAIN ANALYZE) text."""
+    """The EXPLAIN (or EXPLAIN ANALYZE) text; ``training``: ANALYZE's line on time shared
+    with adapter training (:func:`coserve_line`).
+    """
     estimate_of = {e.call_id: e for e in estimates}
     lines: list[str] = []
     shown: list[CallEstimate] = []
     for plan, calls in zip(plans, _by_plan(plans, stats), strict=True):
         lines.append(_without_comments(plan).explain())
+        adapters = {c.id: c.options.adapter for c in plan.calls}
         for s in calls:
-            lines += _call_lines(s, estimate_of.get(s.call_id), analyze)
+            lines += _call_lines(s, estimate_of.get(s.call_id), analyze,
+                                 adapters.get(s.call_id))
             shown += [estimate_of[s.call_id]] if s.call_id in estimate_of else []
     lines += _total_line(stats, shown, analyze)
     lines += [sample.line() for sample in samples]
+    lines += [training] if training else []
     if not analyze and not samples and len(stats) > 1 and any(
             s.kind == "LLM_FILTER" for s in stats[:-1]):
         lines.append("  (without ANALYZE, calls after an LLM_FILTER are costed as if every row "

@@ -44,11 +44,11 @@ _CLAUSE_NAMES = {
     "having": "HAVING",
     "order": "ORDER BY",
 }
-COMMON_OPTIONS = ("model", "max_tokens", "temperature", "seed", "truncate")
+COMMON_OPTIONS = ("model", "max_tokens", "temperature", "seed", "truncate", "adapter")
 """Options every LLM function takes; a function's own (``labels``...) are in its spec."""
 OPTION_NAMES = (*COMMON_OPTIONS[:4],
                 *dict.fromkeys(r.name for s in SPECS.values() for r in s.options),
-                COMMON_OPTIONS[4])
+                *COMMON_OPTIONS[4:])
 
 
 def plan_query(
@@ -383,9 +383,14 @@ def _options(
     if not isinstance(truncate, bool):
         msg = f"option 'truncate' must be true or false, got {truncate!r}"
         raise fail(msg)
+    adapter = raw.get("adapter")
+    if adapter is not None and (not isinstance(adapter, str) or not adapter.strip()):
+        msg = (f"option 'adapter' must be an adapter's name as a string literal, got "
+               f"{adapter!r}; e.g. adapter => 'fresh' (SHOW ADAPTERS lists them)")
+        raise fail(msg)
     return CallOptions(
         model=model, max_tokens=max_tokens, temperature=float(temperature), seed=seed,
-        truncate=truncate, **_own_options(raw, kind, fail),
+        truncate=truncate, adapter=adapter, **_own_options(raw, kind, fail),
     )
 
 

@@ -33,6 +33,15 @@ from typing import TYPE_CHECKING, Any, Self, cast
 import pyarrow as pa
 from sqlglot import exp
 
+from llmsql.adapters.options import lora_options
+from llmsql.adapters.statements import (
+    CreateAdapter,
+    DropAdapter,
+    adapter_call,
+    is_adapter_statement,
+    label_column,
+    parse_adapter_statement,
+)
 from llmsql.backends import (
     BackendSpec,
     Capabilities,
@@ -40,15 +49,23 @@ from llmsql.backends import (
     default_backend_kind,
     get_backend,
 )
+from llmsql.backends.base import AdapterTrainer, CoServeStats
 from llmsql.backends.dry_run import AnswerSample, DryRunBackend
 from llmsql.backends.moe_glue import moe_backend_options, plan_line
 from llmsql.backends.profile import send_profile
 from llmsql.budget import Budget, BudgetMeter, Price, Settings, apply_setting
-from llmsql.cache import LazyBackend, ResultCache
-from llmsql.config import SessionConfig, check_moe, resolve_backend_options, resolve_cache_path
+from llmsql.cache import LazyBackend, ResultCache, model_key
+from llmsql.config import (
+    SessionConfig,
+    adapter_folder,
+    check_moe,
+    check_slo_tpot_ms,
+    resolve_backend_options,
+    resolve_cache_path,
+)
 from llmsql.errors import ConfigError
 from llmsql.executors import Executor, make_executor
-from llmsql.explain import CallEstimate, FilterSample, TokenCounter, estimate_call
+from llmsql.explain import CallEstimate, FilterSample, TokenCounter, coserve_line, estimate_call
 from llmsql.explain import render as render_explain
 from llmsql.moe.options import OPTION_NAMES
 from llmsql.optimizer import PlanContext, PredicateSample, RuleContext, optimize_plan
@@ -60,6 +77,7 @@ from llmsql.planner import plan_query
 from llmsql.progress import Progress, auto_progress
 from llmsql.result import QueryStats, Result
 from llmsql.step import StepEnv, answer_through_cache, build_requests
+from llmsql.step.adapter_runs import AdapterRuns, show_table
 from llmsql.tokens import PromptTokenizer
 from llmsql.udfs import REGISTRY
 
@@ -67,6 +85,7 @@ if TYPE_CHECKING:
     import os
     from collections.abc import Callable, Sequence
 
+    from llmsql.adapters.catalog import AdapterRecord
     from llmsql.executors.base import DeferredTable
     from llmsql.stats import CallError, CallStats
 
@@ -166,6 +185,8 @@ class Session:
         self._lazy: dict[str | None, LazyBackend] = {}
         self._options = resolve_backend_options(self._kind, config.backend_options)
         moe_backend_options(self._kind, self._options)  # the default kind is known only now
+        self._slo_tpot_ms = config.slo_tpot_ms
+        self._adapter_runs: AdapterRuns | None = None
 
     @property
     def config(self) -> SessionConfig:
@@ -251,6 +272,9 @@ class Session:
         Raises:
             ConfigError: an unknown setting or a bad value.
         """
+        if name.lower() == "slo_tpot_ms":
+            self._set_slo(check_slo_tpot_ms(value))
+            return
         settings = apply_setting(self._settings, name, value)
         before, after = self._backend_options(), self._backend_options(settings)
         if after != before:
@@ -297,7 +321,12 @@ class Session:
 
         The result reads as Arrow, pandas or a Spark DataFrame (:meth:`Result.spark`); on
         ``engine='spark'`` it stays in Spark until one of those is asked for.
+
+        ``CREATE ADAPTER``, ``SHOW ADAPTERS`` and ``DROP ADAPTER`` (each alone in ``query``)
+        manage the session's LoRA adapters (see :meth:`create_adapter`).
         """
+        if is_adapter_statement(query):
+            return self._adapter_statement(query)
         return self._run(query, self._step_backend, auto_progress(self._config.progress),
                          live=True)
 
@@ -343,7 +372,9 @@ class Session:
                 "connect without dry_run=True (CLI: llmsql explain --sample N)"
             )
             raise ConfigError(msg)
+        shared = self.coserve_stats() if analyze else None
         result, plans, batches, sent = self._explain_run(query, analyze, None)
+        training = coserve_line(shared, self.coserve_stats()) if analyze else None
         samples: tuple[FilterSample, ...] = ()
         if sample:
             where = {c.call_id: c.where for c in result.stats.calls}
@@ -352,7 +383,7 @@ class Session:
                 result, plans, batches, sent = self._explain_run(query, False, answers)
         estimates = tuple(self._estimate(b, rows, analyze) for b, rows in batches)
         text = render_explain(plans, result.stats.calls, estimates, model=self._cost_model,
-                              analyze=analyze, samples=samples)
+                              analyze=analyze, samples=samples, training=training)
         out = Explain(text, tuple(sent), result if analyze else None, plans=tuple(plans),
                       calls=tuple(result.stats.calls), batches=tuple(batches),
                       cost_model=self._cost_model, estimates=estimates, samples=samples)
@@ -510,7 +541,7 @@ class Session:
                     continue
                 if live:
                     _configure_step_env(env, self, meter)
-                plan = self._plan_statement(query, tree, env, stats)
+                plan = self._plan_statement(query, tree, env, stats, live)
                 if plans_out is not None:
                     plans_out.append(plan)
                 table = self._run_plan(plan, env, stats)
@@ -527,13 +558,16 @@ class Session:
         return sum(lazy.contacts for lazy in self._lazy.values())
 
     def _plan_statement(
-        self, query: str, tree: exp.Expression, env: StepEnv, stats: QueryStats
+        self, query: str, tree: exp.Expression, env: StepEnv, stats: QueryStats,
+        live: bool = False,
     ) -> QueryPlan:
         """Plan one statement in written order, then run the plan passes over it (with the
         optimizer on, they order its LLM filters by sampling through this session).
         """
         qid = f"q{next(self._ids)}"
         plan = plan_query(query, tree, query_id=qid)
+        if any(c.options.adapter for c in plan.calls):
+            env.adapters.update(self._resolve_adapters(plan, live=live))
         ctx = PlanContext(sql=query, tree=tree, query_id=qid, reorder=self._config.optimize,
                           sample=lambda call: self._sample_filter(call, query, env, stats))
         return optimize_plan(plan, ctx)[0]
@@ -563,8 +597,119 @@ class Session:
         finally:
             self._executor.drop_lookups(plan)
 
+    # -- adapters -------------------------------------------------------------------------------
+
+    def _adapters(self) -> AdapterRuns:
+        """The session's adapter catalog and training runs (opened on first use)."""
+        if self._adapter_runs is None:
+            self._adapter_runs = AdapterRuns(adapter_folder(self._config))
+        return self._adapter_runs
+
+    def _identity(self, model: str | None) -> str:
+        """The base model identity of ``model`` (an adapter's ``base_model``), known
+        without loading the model where the spec says it.
+        """
+        if self._instance is not None:
+            return self._instance.model_id()
+        return model_key(self.spec(model)) or self.backend(model).model_id()
+
+    def _resolve_adapters(self, plan: QueryPlan, *, live: bool) -> dict[str, Any]:
+        """The adapters ``plan``'s calls name (checked: ready, this base model and, for a
+        run that sends prompts, a backend that serves adapters).
+        """
+        serves = (lambda m: self._step_backend(m).capabilities.adapters) if (
+            live and not self._config.dry_run) else None
+        return self._adapters().resolve(plan.calls, identity=self._identity, serves=serves)
+
+    def _adapter_statement(self, query: str) -> Result:
+        stmt = parse_adapter_statement(query)
+        if isinstance(stmt, CreateAdapter):
+            return Result(self._create(stmt), QueryStats())
+        if isinstance(stmt, DropAdapter):
+            dropped = self._adapters().drop(stmt.name, if_exists=stmt.if_exists)
+            return Result(pa.table({"name": [stmt.name], "dropped": [dropped]}), QueryStats())
+        return Result(show_table(self.adapters()), QueryStats())
+
+    def _create(self, stmt: CreateAdapter) -> pa.Table:
+        model = stmt.call.options.model
+        backend = self.backend(model)
+        return self._adapters().create(
+            stmt, backend=backend, identity=self._identity(model),
+            rows=lambda: self.sql(stmt.source).arrow(), rule_ctx=self._rule_ctx(backend),
+            slo_tpot_ms=self._slo_tpot_ms, progress=auto_progress(self._config.progress))
+
+    def create_adapter(self, name: str, call: str, data: Any, /, *, label: str | None = None,
+                       asynchronous: bool = False, **lora: Any) -> Result:
+        """Train the LoRA adapter ``name`` for ``call``, as ``CREATE ADAPTER`` does.
+
+        Args:
+            name: the adapter's name (letters, digits, ``_``).
+            call: the call it is trained for, as SQL: ``"LLM_FILTER('Fresh?', review)"``
+                (also LLM_CLASSIFY, LLM, LLM_EXTRACT).
+            data: the training rows: a ``SELECT`` giving the call's fields plus the label
+                column, or a DataFrame / Arrow table holding them.
+            label: the label column when ``data`` is a frame with more columns.
+            asynchronous: return at once and train in the background (``ASYNC``).
+            **lora: ``USING LORA`` options: rank, alpha, target_modules, lr, epochs,
+                dropout, batch_size, seed, holdout.
+
+        Returns:
+            One row as ``SHOW ADAPTERS`` gives it (status ``ready``, or ``training`` when
+            asynchronous).
+
+        Raises:
+            ConfigError: the backend cannot train.
+            PlanError: a bad call, option, label or name already taken (nothing changed).
+        """
+        parsed = adapter_call(call)
+        if isinstance(data, str):
+            source = data
+        else:
+            table = f"__llmsql_adapter_rows_{name}"
+            self.register(table, data)
+            columns = [*parsed.columns, *([label] if label else [])]
+            if not label:
+                columns = self.sql(f"SELECT * FROM {table} LIMIT 0").arrow().column_names
+            source = "SELECT " + ", ".join(f'"{c}"' for c in columns) + f" FROM {table}"
+        stmt = CreateAdapter(name, parsed, lora_options(lora), source,
+                             label_column(source, parsed), asynchronous)
+        return Result(self._create(stmt), QueryStats())
+
+    def adapters(self) -> tuple[AdapterRecord, ...]:
+        """The session's adapters, by name (``SHOW ADAPTERS`` gives them as a table)."""
+        return self._adapters().records()
+
+    def drop_adapter(self, name: str, /, *, if_exists: bool = False) -> bool:
+        """Drop the adapter ``name`` and its weights (``DROP ADAPTER``); False when it did
+        not exist and ``if_exists``.
+
+        Raises:
+            PlanError: no such adapter (without ``if_exists``).
+        """
+        return self._adapters().drop(name, if_exists=if_exists)
+
+    def _set_slo(self, ms: float | None) -> None:
+        """``SET llmsql.slo_tpot_ms``: kept for later trainings, given to built backends."""
+        self._slo_tpot_ms = ms
+        for b in [*self._backends.values(), *([self._instance] if self._instance else [])]:
+            if isinstance(b, AdapterTrainer) and b.capabilities.trains_adapters:
+                b.set_slo_tpot_ms(ms)
+
+    def coserve_stats(self) -> CoServeStats | None:
+        """The co-serving counters of the session's backend (None where it trains no
+        adapters or is not built yet).
+        """
+        for b in [*self._backends.values(), *([self._instance] if self._instance else [])]:
+            if isinstance(b, AdapterTrainer) and b.capabilities.trains_adapters:
+                return b.coserve_stats()
+        return None
+
     def close(self) -> None:
-        """Close the backends and the connection."""
+        """Close the backends and the connection (a training still running is cancelled
+        and left incomplete: the same CREATE ADAPTER resumes it).
+        """
+        if self._adapter_runs is not None:
+            self._adapter_runs.close()
         for b in self._backends.values():
             b.close()
         self._backends.clear()
@@ -596,6 +741,8 @@ def connect(
     on_error: str = "null",
     budget: Budget | dict[str, Any] | None = None,
     prices: dict[str, Any] | None = None,
+    adapters: str | os.PathLike[str] | None = None,
+    slo_tpot_ms: float | None = None,
     **backend_options: Any,
 ) -> Session:
     """Open a session.
@@ -631,6 +778,11 @@ def connect(
             also ``SET llmsql.max_calls = N`` etc.
         prices: model name (``default`` for the session's model when none is named) ->
             ``(input, output)`` USD per million tokens, for ``max_cost_usd``.
+        adapters: the folder of the session's LoRA adapters (``CREATE ADAPTER``); default:
+            next to the database file (``<file>.adapters``), or
+            ``$XDG_DATA_HOME/llmsql/adapters`` for ``:memory:``.
+        slo_tpot_ms: while an adapter trains on the backend, the time per output token
+            (ms) queries should keep; also ``SET llmsql.slo_tpot_ms = 50``.
         **backend_options: backend settings, e.g. ``max_model_len=2048``; for ``openai``:
             ``base_url``, ``api_key_env``, ``concurrency``, ``timeout``, ``max_retries``,
             ``rpm``, ``tpm`` (see :mod:`llmsql.backends.openai_compat`); for
@@ -648,7 +800,8 @@ def connect(
         backend=backend, model=model, database=database, engine=engine, spark=spark,
         progress=progress, optimize=optimize, warm_prefixes=warm_prefixes,
         batch_size=batch_size, dry_run=dry_run, cache=cache, on_error=on_error,  # type: ignore[arg-type]  # checked there
-        budget=budget, prices=prices, backend_options=backend_options)  # type: ignore[arg-type]
+        budget=budget, prices=prices, backend_options=backend_options,  # type: ignore[arg-type]
+        adapters=adapters, slo_tpot_ms=slo_tpot_ms)
     return Session(config)
 
 

@@ -34,17 +34,23 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa  # noqa: TC002 - pyspark's arrow_udf reads the UDFs' 'pa.Array' annotations at runtime
 from sqlglot import exp
 
+from llmsql.adapters.catalog import AdapterCatalog, default_folder
 from llmsql.backends import BackendSpec, default_backend_kind
+from llmsql.cache import model_key
 from llmsql.dialect import LLMSQL
 from llmsql.errors import ConfigError, PlanError
+from llmsql.executors.spark.adapters import ShippedAdapter, ship_adapters
 from llmsql.executors.spark.layout import is_connect
 from llmsql.executors.spark.worker import ColumnTask, answer_column, answer_group
 from llmsql.optimizer import RuleContext
 from llmsql.parse import parse
 from llmsql.planner import plan_query
+from llmsql.step.adapter_runs import resolve_ref
 from llmsql.udfs.base import Volatility
 
 if TYPE_CHECKING:
+    import os
+
     from pyspark.sql import Column
 
     from llmsql.plan import LLMCall
@@ -121,7 +127,8 @@ def _udf(function: str, instruction: str, fields: Sequence[Any], options: dict[s
     spec = _spec(settings["backend"], options.get("model"), settings["backend_options"])
     ctx = RuleContext(batch_size=settings["batch_size"] or RuleContext().batch_size,
                       reorder=settings["optimize"], warm=settings["optimize"])
-    task = ColumnTask(call, spec, ctx, _time_zone(), result_type(call))
+    task = ColumnTask(call, spec, ctx, _time_zone(), result_type(call),
+                      adapters=_adapters(call, spec, settings["adapters"]))
     # Spark infers the UDF kind from the type hints: arrays to an array is a scalar UDF,
     # arrays to a Python value a grouped aggregate.
     if call.kind.spec.aggregate:
@@ -146,14 +153,30 @@ def _col(name: str) -> Column:
 
 
 def _settings(backend: str | BackendSpec | None, backend_options: Mapping[str, Any] | None,
-              batch_size: int | None, optimize: bool) -> dict[str, Any]:
+              batch_size: int | None, optimize: bool,
+              adapters: str | os.PathLike[str] | None) -> dict[str, Any]:
     return {"backend": backend, "backend_options": backend_options, "batch_size": batch_size,
-            "optimize": optimize}
+            "optimize": optimize, "adapters": adapters}
+
+
+def _adapters(call: LLMCall, spec: BackendSpec,
+              folder: str | os.PathLike[str] | None) -> tuple[ShippedAdapter, ...]:
+    """The files of the adapter ``call`` names (none: ``()``), read from the catalog in
+    ``folder`` (default: the user data folder, as a ``:memory:`` session's) and checked as a
+    session checks them: ready, and trained for the model ``spec`` names.
+    """
+    if call.options.adapter is None:
+        return ()
+    catalog = AdapterCatalog(folder if folder is not None else default_folder(None))
+    ref = resolve_ref(catalog, call, identity=model_key(spec) or "")
+    return ship_adapters([ref])
 
 
 def llm(instruction: str, /, *fields: str | Column, model: str | None = None,
         max_tokens: int | None = None, temperature: float = 0.0, seed: int | None = None,
-        truncate: bool = False, backend: str | BackendSpec | None = None,
+        truncate: bool = False, adapter: str | None = None,
+        adapters: str | os.PathLike[str] | None = None,
+        backend: str | BackendSpec | None = None,
         backend_options: Mapping[str, Any] | None = None, batch_size: int | None = None,
         optimize: bool = True) -> Column:
     """``LLM(instruction, field, ...)`` as a column: free text per row.
@@ -171,20 +194,27 @@ def llm(instruction: str, /, *fields: str | Column, model: str | None = None,
         backend_options: Backend settings when ``backend`` is a kind, e.g. ``{"threads": 1}``.
         batch_size: Prompts handed to the worker at a time.
         optimize: Reorder rows and fields inside each batch for prefix reuse.
+        adapter: A LoRA adapter of the catalog to answer with (``CREATE ADAPTER``); it
+            must be ready and trained for this model. Its files travel with the tasks.
+        adapters: The adapter catalog's folder (default: the user data folder, as for a
+            session on ``:memory:``; pass ``connect(adapters=...)``'s folder).
 
     Raises:
         PlanError: a bad option or no field, as the SQL function would raise.
     """
     opts = {"model": model, "max_tokens": max_tokens, "temperature": temperature,
-            "seed": seed, "truncate": truncate or None}
+            "seed": seed, "truncate": truncate or None,
+            "adapter": adapter}
     return _udf("LLM", instruction, fields, opts,
-                _settings(backend, backend_options, batch_size, optimize))
+                _settings(backend, backend_options, batch_size, optimize, adapters))
 
 
 def llm_filter(instruction: str, /, *fields: str | Column, model: str | None = None,
                max_tokens: int | None = None, temperature: float = 0.0,
                seed: int | None = None, truncate: bool = False,
-               backend: str | BackendSpec | None = None,
+               adapter: str | None = None,
+        adapters: str | os.PathLike[str] | None = None,
+        backend: str | BackendSpec | None = None,
                backend_options: Mapping[str, Any] | None = None,
                batch_size: int | None = None, optimize: bool = True) -> Column:
     """``LLM_FILTER(instruction, field, ...)`` as a boolean column (NULL when unparseable).
@@ -192,15 +222,18 @@ def llm_filter(instruction: str, /, *fields: str | Column, model: str | None = N
     Arguments as for :func:`llm`.
     """
     opts = {"model": model, "max_tokens": max_tokens, "temperature": temperature,
-            "seed": seed, "truncate": truncate or None}
+            "seed": seed, "truncate": truncate or None,
+            "adapter": adapter}
     return _udf("LLM_FILTER", instruction, fields, opts,
-                _settings(backend, backend_options, batch_size, optimize))
+                _settings(backend, backend_options, batch_size, optimize, adapters))
 
 
 def llm_classify(instruction: str, /, *fields: str | Column, labels: Sequence[str],
                  model: str | None = None, max_tokens: int | None = None,
                  temperature: float = 0.0, seed: int | None = None, truncate: bool = False,
-                 backend: str | BackendSpec | None = None,
+                 adapter: str | None = None,
+        adapters: str | os.PathLike[str] | None = None,
+        backend: str | BackendSpec | None = None,
                  backend_options: Mapping[str, Any] | None = None,
                  batch_size: int | None = None, optimize: bool = True) -> Column:
     """``LLM_CLASSIFY(instruction, labels => [...], field, ...)``: one of ``labels`` per row.
@@ -208,15 +241,18 @@ def llm_classify(instruction: str, /, *fields: str | Column, labels: Sequence[st
     Arguments as for :func:`llm`, plus ``labels``.
     """
     opts = {"labels": list(labels), "model": model, "max_tokens": max_tokens,
-            "temperature": temperature, "seed": seed, "truncate": truncate or None}
+            "temperature": temperature, "seed": seed, "truncate": truncate or None,
+            "adapter": adapter}
     return _udf("LLM_CLASSIFY", instruction, fields, opts,
-                _settings(backend, backend_options, batch_size, optimize))
+                _settings(backend, backend_options, batch_size, optimize, adapters))
 
 
 def llm_extract(instruction: str, /, *fields: str | Column, schema: str,
                 model: str | None = None, max_tokens: int | None = None,
                 temperature: float = 0.0, seed: int | None = None, truncate: bool = False,
-                backend: str | BackendSpec | None = None,
+                adapter: str | None = None,
+        adapters: str | os.PathLike[str] | None = None,
+        backend: str | BackendSpec | None = None,
                 backend_options: Mapping[str, Any] | None = None,
                 batch_size: int | None = None, optimize: bool = True) -> Column:
     """``LLM_EXTRACT(instruction, schema => 'name TYPE, ...', field, ...)``: a struct per row.
@@ -224,15 +260,18 @@ def llm_extract(instruction: str, /, *fields: str | Column, schema: str,
     Arguments as for :func:`llm`, plus ``schema``.
     """
     opts = {"schema": schema, "model": model, "max_tokens": max_tokens,
-            "temperature": temperature, "seed": seed, "truncate": truncate or None}
+            "temperature": temperature, "seed": seed, "truncate": truncate or None,
+            "adapter": adapter}
     return _udf("LLM_EXTRACT", instruction, fields, opts,
-                _settings(backend, backend_options, batch_size, optimize))
+                _settings(backend, backend_options, batch_size, optimize, adapters))
 
 
 def llm_score(instruction: str, /, *fields: str | Column, model: str | None = None,
               max_tokens: int | None = None, temperature: float = 0.0,
               seed: int | None = None, truncate: bool = False,
-              backend: str | BackendSpec | None = None,
+              adapter: str | None = None,
+        adapters: str | os.PathLike[str] | None = None,
+        backend: str | BackendSpec | None = None,
               backend_options: Mapping[str, Any] | None = None,
               batch_size: int | None = None, optimize: bool = True) -> Column:
     """``LLM_SCORE(instruction, field, ...)`` as a double column in [0, 1]: P(Yes) where the
@@ -241,14 +280,17 @@ def llm_score(instruction: str, /, *fields: str | Column, model: str | None = No
     Arguments as for :func:`llm`.
     """
     opts = {"model": model, "max_tokens": max_tokens, "temperature": temperature,
-            "seed": seed, "truncate": truncate or None}
+            "seed": seed, "truncate": truncate or None,
+            "adapter": adapter}
     return _udf("LLM_SCORE", instruction, fields, opts,
-                _settings(backend, backend_options, batch_size, optimize))
+                _settings(backend, backend_options, batch_size, optimize, adapters))
 
 
 def llm_agg(instruction: str, /, *fields: str | Column, model: str | None = None,
             max_tokens: int | None = None, temperature: float = 0.0, seed: int | None = None,
-            truncate: bool = False, backend: str | BackendSpec | None = None,
+            truncate: bool = False, adapter: str | None = None,
+        adapters: str | os.PathLike[str] | None = None,
+        backend: str | BackendSpec | None = None,
             backend_options: Mapping[str, Any] | None = None, batch_size: int | None = None,
             optimize: bool = True) -> Column:
     """``LLM_AGG(instruction, field, ...)`` as an aggregate: one answer per group.
@@ -257,6 +299,7 @@ def llm_agg(instruction: str, /, *fields: str | Column, model: str | None = None
     context. Arguments as for :func:`llm`.
     """
     opts = {"model": model, "max_tokens": max_tokens, "temperature": temperature,
-            "seed": seed, "truncate": truncate or None}
+            "seed": seed, "truncate": truncate or None,
+            "adapter": adapter}
     return _udf("LLM_AGG", instruction, fields, opts,
-                _settings(backend, backend_options, batch_size, optimize))
+                _settings(backend, backend_options, batch_size, optimize, adapters))

@@ -53,8 +53,8 @@ STATUSES = ("training", "ready", "failed", "incomplete")
 (training stopped before finishing: a crash or Ctrl-C; re-running resumes)."""
 FORMAT = 1
 """The record format version, written in every record."""
-SHOW_COLUMNS = ("name", "status", "function", "instruction", "base_model", "rank", "steps",
-                "loss", "metrics", "reason", "path", "created")
+SHOW_COLUMNS = ("name", "status", "progress", "function", "instruction", "base_model", "rank",
+                "steps", "loss", "metrics", "reason", "path", "created")
 """The columns of ``SHOW ADAPTERS`` (:meth:`AdapterRecord.show_row`)."""
 _SUFFIX = ".json"
 _DEFINITION = ("base_model", "kind", "instruction", "columns", "call_options", "lora",
@@ -95,6 +95,11 @@ class AdapterRecord:
     metrics: tuple[tuple[str, float], ...] = ()
     """Held-out metrics, e.g. (("accuracy_before", 0.61), ("accuracy_after", 0.83))."""
     updated: str = ""
+    progress: str = ""
+    """Where training is, e.g. ``120/250 steps`` (updated while it runs)."""
+    digest: str = ""
+    """A digest of the finished weights (part of every result-cache key of a call using
+    it); empty until the adapter is ready."""
 
     @classmethod
     def new(cls, stmt: CreateAdapter, *, base_model: str, path: str | os.PathLike[str],
@@ -111,7 +116,8 @@ class AdapterRecord:
     def show_row(self) -> dict[str, object]:
         """The adapter as a ``SHOW ADAPTERS`` row (:data:`SHOW_COLUMNS`)."""
         last = self.loss_curve[-1] if self.loss_curve else (None, None)
-        return {"name": self.name, "status": self.status, "function": self.kind,
+        return {"name": self.name, "status": self.status, "progress": self.progress,
+                "function": self.kind,
                 "instruction": self.instruction, "base_model": self.base_model,
                 "rank": self.lora.rank, "steps": last[0], "loss": last[1],
                 "metrics": json.dumps(dict(self.metrics)), "reason": self.reason,
@@ -208,6 +214,10 @@ class AdapterCatalog:
         """The default folder of ``name``'s weights."""
         return self.folder / name
 
+    def checkpoint_path(self, name: str) -> Path:
+        """The folder of ``name``'s training checkpoints (a re-run CREATE resumes from it)."""
+        return self.folder / f".{name}.checkpoints"
+
     def new_record(self, stmt: CreateAdapter, *, base_model: str) -> AdapterRecord:
         """A fresh record for ``stmt`` with its weights in :meth:`weights_path`."""
         return AdapterRecord.new(stmt, base_model=base_model, path=self.weights_path(stmt.name))
@@ -228,7 +238,7 @@ class AdapterCatalog:
         if existing is not None:
             if resume and existing.status == "incomplete" and existing.same_definition(record):
                 return self.update(record.name, status="training", reason="")
-            raise self._exists(existing)
+            raise self._exists(existing, record if resume else None)
         try:
             self._write(record, overwrite=False)
         except FileExistsError:
@@ -263,14 +273,16 @@ class AdapterCatalog:
         return tuple(self.get(n) for n in self.names())
 
     def update(self, name: str, /, **changes: Any) -> AdapterRecord:
-        """Replace fields of ``name``'s record (status, reason, loss_curve, metrics, path).
+        """Replace fields of ``name``'s record (status, reason, loss_curve, metrics, path,
+        progress, digest).
 
         Raises:
             PlanError: no adapter ``name``.
             ConfigError: a field that cannot change, or an unknown status.
             ExecutionError: the record could not be written (the previous one stays).
         """
-        fixed = sorted(set(changes) - {"status", "reason", "loss_curve", "metrics", "path"})
+        fixed = sorted(set(changes) - {"status", "reason", "loss_curve", "metrics", "path",
+                                       "progress", "digest"})
         if fixed:
             msg = (f"cannot change {fixed[0]!r} of adapter {name!r}; drop it and create it "
                    "again to change its definition")
@@ -299,6 +311,7 @@ class AdapterCatalog:
         weights = Path(record.path)
         if weights.resolve().parent == self.folder.resolve():
             shutil.rmtree(weights, ignore_errors=True)
+        shutil.rmtree(self.checkpoint_path(name), ignore_errors=True)
         return True
 
     def recover(self) -> tuple[str, ...]:
@@ -315,7 +328,14 @@ class AdapterCatalog:
 
     # ---- files ------------------------------------------------------------------------------
 
-    def _exists(self, existing: AdapterRecord) -> PlanError:
+    def _exists(self, existing: AdapterRecord, new: AdapterRecord | None = None) -> PlanError:
+        if existing.status == "incomplete" and new is not None:
+            msg = (f"adapter {existing.name!r} already exists (incomplete, created "
+                   f"{existing.created}) in {self.folder} with a different definition "
+                   f"(base model, call, options or rows); nothing was changed: re-run its "
+                   f"original CREATE ADAPTER to resume it, DROP ADAPTER {existing.name} "
+                   "first, or choose another name")
+            return PlanError(msg)
         msg = (f"adapter {existing.name!r} already exists ({existing.status}, created "
                f"{existing.created}) in {self.folder}; nothing was changed: DROP ADAPTER "
                f"{existing.name} first, or choose another name")

@@ -263,6 +263,11 @@ def adapter_call(text: str, /) -> AdapterCall:
                f"{', '.join(ADAPTER_FUNCTIONS)}; write e.g. FOR LLM_FILTER('Is it fresh?', review)")
         raise PlanError(msg, sql=text)
     call = plan_query(query, tree).calls[0]
+    if call.options.adapter is not None:
+        msg = (f"CREATE ADAPTER ... FOR {name}: the call names adapter "
+               f"{call.options.adapter!r}; an adapter is trained on the base model, so "
+               "remove adapter => from the FOR call")
+        raise PlanError(msg, sql=text)
     for field in call.fields:
         if not isinstance(field.expr, exp.Column):
             msg = (f"CREATE ADAPTER ... FOR {name}: field {field.name!r} is an expression; "

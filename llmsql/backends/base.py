@@ -10,7 +10,23 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
+
+    from llmsql.adapters.options import LoraOptions
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterRef:
+    """A trained LoRA adapter a request runs with (``adapter => 'name'``).
+
+    ``path`` is the folder of its PEFT files (``adapter_config.json``,
+    ``adapter_model.safetensors``) as the driver sees it; ``digest`` is a digest of those
+    weights, part of every cache key (retraining under the same name changes it).
+    """
+
+    name: str
+    path: str
+    digest: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +47,9 @@ class Request:
     """With ``choices``: also return each choice's probability, renormalized over the
     choices, in :attr:`Response.choice_probs` (where :attr:`Capabilities.choice_probabilities`
     says the backend can; others leave it None). LLM_SCORE reads P("Yes") from it."""
+    adapter: AdapterRef | None = None
+    """Run with this LoRA adapter on the base model (where :attr:`Capabilities.adapters`
+    says the backend can); None: the base model alone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +94,11 @@ class Capabilities:
     log-probabilities)."""
     concurrent_requests: int | None = None
     """Requests computed at once (a client's concurrency limit; None: a batch's size)."""
+    adapters: bool = False
+    """Answers requests with an :attr:`Request.adapter` (LoRA adapters on the base model;
+    requests with different adapters may share one batch)."""
+    trains_adapters: bool = False
+    """Implements :class:`AdapterTrainer` (``CREATE ADAPTER`` can train on it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,4 +147,124 @@ class LLMBackend(Protocol):
 
     def close(self) -> None:
         """Release the engine (processes, GPU memory)."""
+        ...
+
+
+# -- adapter training (CREATE ADAPTER) ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TrainExample:
+    """One labelled row as training sees it: ``request`` is exactly the request the LLM
+    call sends for that row (prompt rendered by the call's contract, choices, schema), and
+    ``answer`` the row's label rendered as the call's answer text (e.g. ``"Yes"``).
+    """
+
+    request: Request
+    answer: str
+
+
+@dataclass(frozen=True, slots=True)
+class TrainJob:
+    """What to train: one LoRA adapter on the backend's base model."""
+
+    name: str
+    examples: tuple[TrainExample, ...]
+    holdout: tuple[TrainExample, ...]
+    """Rows kept out of training (held-out loss; may be empty)."""
+    lora: LoraOptions
+    out_dir: str
+    """Where the finished adapter's PEFT files go (written atomically: a folder renamed
+    into place)."""
+    checkpoint_dir: str
+    """Checkpoints (adapter weights, optimizer state, step); training resumes from the
+    newest one found here."""
+    slo_tpot_ms: float | None = None
+    """While queries run on the same backend: their time per output token objective (the
+    co-serving scheduler sizes fine-tuning work to keep it); None: no objective."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrainProgress:
+    """Where a training run is."""
+
+    step: int
+    steps: int
+    """Optimizer steps in the whole run."""
+    loss: float | None
+    tokens: int
+    """Training tokens forwarded so far."""
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    """A finished training run."""
+
+    adapter: AdapterRef
+    loss_curve: tuple[tuple[int, float], ...]
+    holdout_loss: float | None
+    steps: int
+    tokens: int
+    seconds: float
+    resumed_from: int = 0
+    """The step training resumed from (0: from scratch)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CoServeStats:
+    """What co-serving did since the backend started (a counter; callers take deltas)."""
+
+    inference_seconds: float = 0.0
+    """Time in inference forward passes."""
+    finetune_seconds: float = 0.0
+    """Time in fine-tuning work interleaved between inference passes."""
+    finetune_tokens: int = 0
+    iterations: int = 0
+    """Inference passes that had fine-tuning work beside them."""
+    slo_misses: int = 0
+    """Inference passes slower than the objective."""
+
+
+@runtime_checkable
+class TrainHandle(Protocol):
+    """A training run in progress (background or not)."""
+
+    def done(self) -> bool:
+        """True once it finished, failed or was cancelled."""
+        ...
+
+    def progress(self) -> TrainProgress:
+        """Where it is now."""
+        ...
+
+    def result(self, timeout: float | None = None) -> TrainResult:
+        """Wait for the end; raise the run's error (an :class:`~llmsql.errors.LLMSQLError`)
+        if it failed or was cancelled (the newest checkpoint stays for a resume).
+        """
+        ...
+
+    def cancel(self) -> None:
+        """Stop at the next step boundary (a checkpoint is written first)."""
+        ...
+
+
+@runtime_checkable
+class AdapterTrainer(Protocol):
+    """A backend that trains adapters (:attr:`Capabilities.trains_adapters`)."""
+
+    def start_training(self, job: TrainJob, /,
+                       on_progress: Callable[[TrainProgress], None] | None = None,
+                       ) -> TrainHandle:
+        """Start training ``job`` in the background, co-served with this backend's
+        queries; :meth:`TrainHandle.result` waits for it.
+        """
+        ...
+
+    def coserve_stats(self) -> CoServeStats:
+        """The co-serving counters (ANALYZE's share of time with training)."""
+        ...
+
+    def set_slo_tpot_ms(self, ms: float | None, /) -> None:
+        """Change the objective running and later training works to."""
         ...

@@ -54,6 +54,10 @@ reports them (vLLM: started with ``--enable-prompt-tokens-details``); where it d
 statistics say "not reported" rather than 0%. ``count_tokens`` uses the server's ``/tokenize``
 endpoint where it has one (vLLM, ``llmsql serve``), else estimates 3 bytes per token.
 
+LoRA adapters: a request with an adapter (``adapter => 'name'``) gets an error Response and is
+never sent (:func:`no_adapter_message`): the server's adapters cannot be checked against the
+catalog's weights, so a remote adapter is used as its own model (``model => ...``) instead.
+
 Building the backend contacts nothing: the server's model list (which model it serves, its
 context and capabilities) is read on first need, i.e. the first request, token count or
 ``capabilities``. A named model's identity (``model_id``, part of every result cache key) needs
@@ -409,6 +413,21 @@ def _first_token_logprobs(choice: Any, endpoint: str) -> list[tuple[str, float]]
         return []
 
 
+def no_adapter_message(name: str, /) -> str:
+    """The error of a request with a LoRA adapter: the ``openai`` backend never sends one.
+
+    A remote server's adapters cannot be checked against the catalog's weights (their
+    digest), so answering ``adapter => 'x'`` with whatever the server calls ``x`` could
+    silently use other weights.
+
+    >>> no_adapter_message("fresh")  # doctest: +ELLIPSIS
+    "adapter 'fresh': the openai backend does not run LoRA adapters; ..."
+    """
+    return (f"adapter {name!r}: the openai backend does not run LoRA adapters; run the call "
+            "on the vllm or transformers backend, or serve the adapter as its own model "
+            "(e.g. vllm serve --lora-modules) and name that model in the call's model => ...")
+
+
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     first = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
@@ -708,6 +727,8 @@ class OpenAIBackend:
         return bool(req.choice_probs and req.choices and self._caps.choice_probabilities)
 
     async def _answer(self, req: Request) -> Response:
+        if req.adapter is not None:
+            return Response("", error=no_adapter_message(req.adapter.name))
         body = self._body(req)
         path = "/chat/completions" if self.config.endpoint == "chat" else "/completions"
         rid = uuid.uuid4().hex[:16]

@@ -32,6 +32,9 @@ on ``outlines_core``): each step masks the tokens that would leave the schema, o
 leave too few tokens of ``max_tokens`` to finish a valid answer, so every answer parses. A
 budget too small for the shortest valid answer gets an error response.
 
+Requests with a LoRA adapter (one engine run per adapter in a batch) and adapter training
+co-served with queries: :mod:`llmsql.backends.transformers_adapters`.
+
 torch, transformers and :mod:`llmsql.engine` are imported only inside this module's
 functions and methods.
 """
@@ -45,19 +48,28 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from llmsql.backends import moe_glue
-from llmsql.backends.base import BackendSpec, Capabilities, Request, Response
+from llmsql.backends.base import AdapterRef, BackendSpec, Capabilities, Request, Response
+from llmsql.backends.transformers_adapters import AdapterHost
 from llmsql.errors import BackendError, ConfigError
 from llmsql.models import model_max_len, resolve_model
 from llmsql.moe.options import OPTION_NAMES
 
 if TYPE_CHECKING:
     import pathlib
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from transformers import PreTrainedTokenizerBase
 
+    from llmsql.backends.base import (
+        CoServeStats,
+        TrainExample,
+        TrainHandle,
+        TrainJob,
+        TrainProgress,
+    )
     from llmsql.backends.grammar import TokenGrammar
     from llmsql.engine import Engine, Generated, Job, Scored
+    from llmsql.engine.finetune.train import TrainSeq
     from llmsql.moe.plan import OffloadStats
 
 logger = logging.getLogger(__name__)
@@ -129,6 +141,8 @@ class TransformersBackend:
             block_size=1,
             batch_prefix_sharing=True,  # a batch's shared prefix is computed once
             choice_probabilities=True,  # exact: softmax of the choices' log-likelihoods
+            adapters=True,  # per request: one engine run per adapter in a batch
+            trains_adapters=True,  # start_training: LoRA co-served with queries
         )
         self._device, self._dtype_name = _pick_device(spec)
         self._margin = _margin(spec, self._dtype_name, self._device)
@@ -138,6 +152,7 @@ class TransformersBackend:
         self._grammars: dict[str, TokenGrammar] = {}
         self._vocabulary: Any = None
         self._lock = threading.Lock()  # one batch at a time; fast tokenizers are not reentrant
+        self._adapters: AdapterHost | None = None
         self._load(spec.option("threads"))
 
     # ----------------------------------------------------------------- loading
@@ -164,6 +179,7 @@ class TransformersBackend:
             batch_size=self._batch_size, margin=self._margin,
         )
         self._id = _model_id(self._path)
+        self._adapters = AdapterHost(self._engine)
         logger.info("loaded %s on %s (%s)", self._path, self._device, model.dtype)
 
     @property
@@ -177,6 +193,13 @@ class TransformersBackend:
             msg = "the transformers backend is closed; build a new one"
             raise BackendError(msg, backend=self.name)
         return self._engine
+
+    @property
+    def adapters(self) -> AdapterHost:
+        """The model's LoRA adapters, served and trained; BackendError once closed."""
+        self.engine  # noqa: B018 -- raises once closed
+        assert self._adapters is not None, "a loaded backend has its adapters"
+        return self._adapters
 
     def moe_stats(self) -> OffloadStats | None:
         """What expert offload measured since the model loaded (None without it)."""
@@ -198,26 +221,33 @@ class TransformersBackend:
             BackendError: the backend is closed, or the model failed while running.
         """
         with self._lock:
-            return self._generate(batch)
+            engine = self.engine
+            with self.adapters.model_lock():  # training pieces run between its passes
+                return self._generate(engine, batch)
 
-    def _generate(self, batch: Sequence[Request]) -> list[Response]:
-        engine = self.engine
+    def _generate(self, engine: Engine, batch: Sequence[Request]) -> list[Response]:
         out: list[Response | None] = [None] * len(batch)
-        jobs = []
+        groups: dict[AdapterRef | None, list[Job]] = {}
         for i, request in enumerate(batch):
             ids = tuple(self._token_ids(request.prompt))
             problem = self._request_problem(request, ids)
             if problem is None:
-                jobs.append(self._job(i, request, ids))
+                groups.setdefault(request.adapter, []).append(self._job(i, request, ids))
             else:
                 out[i] = Response("", prompt_tokens=len(ids), error=problem)
         try:
-            results = engine.run(jobs)
+            for ref, jobs in groups.items():  # one engine run per adapter: no prefix across
+                problem = self.adapters.activate(ref)
+                results = engine.run(jobs) if problem is None else [problem] * len(jobs)
+                for job, res in zip(jobs, results, strict=True):
+                    out[job.index] = (Response("", prompt_tokens=len(job.ids), error=res)
+                                      if isinstance(res, str) else
+                                      self._response(batch[job.index], job, res))
         except Exception as exc:  # boundary: torch errors become BackendError
             msg = f"generation failed in the transformers backend: {exc}"
             raise BackendError(msg, backend=self.name) from exc
-        for job, result in zip(jobs, results, strict=True):
-            out[job.index] = self._response(batch[job.index], job, result)
+        finally:
+            self.adapters.activate(None)  # the engine runs the base model between batches
         assert all(r is not None for r in out), "every request must get a response"
         return [r for r in out if r is not None]
 
@@ -230,8 +260,38 @@ class TransformersBackend:
         """Return ``transformers:<model folder>:<hash of config and weight files>``."""
         return self._id
 
+    # -------------------------------------------------------- adapter training
+    def start_training(self, job: TrainJob, /,
+                       on_progress: Callable[[TrainProgress], None] | None = None,
+                       ) -> TrainHandle:
+        """Start training ``job``'s LoRA adapter in the background, co-served with queries
+        (:func:`.transformers_adapters.start_training`: ConfigError on a bad job).
+        """
+        from llmsql.backends.transformers_adapters import start_training, train_sequences
+
+        def sequences(examples: Sequence[TrainExample], what: str) -> list[TrainSeq]:
+            return train_sequences(examples, prompt_ids=self._token_ids, what=what,
+                                   answer_ids=self._choice_ids, max_len=self._max_len)
+
+        with self._lock:  # the tokenizer
+            return start_training(job, host=self.adapters, sequences=sequences,
+                                  base_model=str(self._path), on_progress=on_progress)
+
+    def coserve_stats(self) -> CoServeStats:
+        """What co-serving did since the first training run (zeros before)."""
+        return self.adapters.stats()
+
+    def set_slo_tpot_ms(self, ms: float | None, /) -> None:
+        """Change the time-per-output-token objective that training keeps (None: none)."""
+        self.adapters.set_slo_tpot_ms(ms)
+
+    # ------------------------------------------------------------------- close
     def close(self) -> None:
-        """Free the model (and the GPU memory it held); later calls to generate raise."""
+        """Free the model (training runs are cancelled, checkpoints written); later calls to
+        generate raise.
+        """
+        if self._adapters is not None:
+            self._adapters.close()
         with self._lock:
             if self._engine is None:
                 return

@@ -47,25 +47,47 @@ Spec options (``BackendSpec.make("vllm", model, **options)``):
 - ``multiprocessing``: run vLLM's engine core in its own processes, as vLLM does by default
   (default: False on the CPU, True with an NVIDIA GPU). With it on the CPU, ``threads``
   binds OpenMP to the first allowed cores (``VLLM_CPU_OMP_THREADS_BIND``).
+- LoRA adapters (requests with :attr:`~llmsql.backends.base.Request.adapter`; vLLM's
+  multi-LoRA, :mod:`llmsql.backends.vllm_lora`): ``enable_lora`` (not set: the engine is
+  built without LoRA and rebuilt with it when the first request with an adapter arrives,
+  which costs one model load and drops the prefix cache, so set it when adapters are
+  expected; True: built with LoRA from the start; False: requests with an adapter get an
+  error), ``max_lora_rank`` (the largest adapter rank served; default: the rank of the
+  adapters seen, rounded up to a rank vLLM accepts; a larger adapter rebuilds the engine),
+  ``max_loras`` (4: different adapters in one engine step; rows of further adapters wait),
+  ``max_cpu_loras`` (adapters kept loaded; vLLM's default: ``max_loras``). Each adapter is
+  a ``LoRARequest`` with one id per weights digest and the digest in its name, so vLLM's
+  prefix cache (which it keys by LoRA) never mixes two adapters' or two trainings' KV.
+  Requests of several adapters and of the base model share one ``generate`` call.
 - Worker: ``startup_timeout`` (600 s), ``idle_timeout`` (600 s), ``socket_path``.
 """
 
 # Why this module is over 500 lines: it is the whole vLLM seam (option checks, the engine's
-# environment and arguments, the one-step choice path with its log-probabilities), each part
-# small and used only here; the worker machinery it runs in lives in llmsql/backends/worker/.
+# environment and arguments, the one-step choice path with its log-probabilities, LoRA serving
+# whose helpers are in vllm_lora.py), each part small and used only here; the worker machinery
+# it runs in lives in llmsql/backends/worker/.
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
+import logging
 import os
 import pathlib
 from typing import TYPE_CHECKING, Any
 
 from llmsql.backends.base import BackendSpec, Capabilities, Request, Response
+from llmsql.backends.vllm_lora import (
+    LoraRequests,
+    check_lora_options,
+    lora_kwargs,
+    lora_mode,
+    lora_problem,
+)
 from llmsql.backends.worker import CLIENT_OPTIONS, WorkerClient
-from llmsql.errors import ConfigError
+from llmsql.errors import BackendError, ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -79,6 +101,7 @@ ENGINE_OPTIONS: frozenset[str] = frozenset(
         "choice_decoding",
         "deterministic",
         "dtype",
+        "enable_lora",
         "enable_prefix_caching",
         "enforce_eager",
         "ignore_eos",
@@ -86,6 +109,9 @@ ENGINE_OPTIONS: frozenset[str] = frozenset(
         "kv_cache_space_gb",
         "load_format",
         "log_stats",
+        "max_cpu_loras",
+        "max_lora_rank",
+        "max_loras",
         "max_model_len",
         "max_num_batched_tokens",
         "max_num_seqs",
@@ -97,6 +123,8 @@ ENGINE_OPTIONS: frozenset[str] = frozenset(
     }
 )
 """Options :class:`VLLMEngine` understands (worker options aside)."""
+
+logger = logging.getLogger(__name__)
 
 CHOICE_DECODINGS = ("first_token", "structured")
 DEFAULT_MAX_MODEL_LEN = 2048
@@ -129,6 +157,7 @@ def check_options(spec: BackendSpec, /) -> None:
                "GPU, and none is here; on the CPU use the transformers backend, whose answers "
                "do not depend on batching, or drop the option")
         raise ConfigError(msg)
+    check_lora_options(spec)
 
 
 class VLLMBackend(WorkerClient):
@@ -182,24 +211,39 @@ class VLLMEngine:
         if spec.option("deterministic"):
             self._id += "#batch_invariant"
         import torch
-        from vllm import LLM
         from vllm.platforms import current_platform
 
         if threads is not None:
             torch.set_num_threads(threads)
-        self._llm: LLM = LLM(**_llm_kwargs(spec, self._path, current_platform.is_cpu()))
+        self._kwargs = _llm_kwargs(spec, self._path, current_platform.is_cpu())
+        self._lora_mode = lora_mode(spec)
+        self._loras = LoraRequests()
+        self._lora_rank: int | None = None
+        """The largest adapter rank the engine serves (None: built without LoRA)."""
+        self._lost: str | None = None
+        """Why the engine is gone (a rebuild failed), else None."""
+        self._build(lora_kwargs(spec, None) if self._lora_mode else {})
         self._tokenizer = self._llm.get_tokenizer()
         self._chat = bool(spec.option("chat_template", True)) and bool(
             getattr(self._tokenizer, "chat_template", None)
         )
         self._request_errors = _request_errors()
-        config = self._llm.llm_engine.vllm_config
         self._ignore_eos = bool(spec.option("ignore_eos", False))
         self._first_token = spec.option("choice_decoding", "first_token") == "first_token"
         self._choice_ids: dict[tuple[str, ...], tuple[int, ...] | None] = {}
         self._token_logprobs = _has_token_logprobs()
+
+    def _build(self, lora: dict[str, Any]) -> None:
+        """Build the ``vllm.LLM`` (with the LoRA arguments ``lora``, or none) and the
+        capabilities it gives.
+        """
+        from vllm import LLM
+
+        self._llm: LLM = LLM(**self._kwargs, **lora)
+        self._lora_rank = lora.get("max_lora_rank")
+        config = self._llm.llm_engine.vllm_config
         self.capabilities = Capabilities(
-            prefix_caching=bool(spec.option("enable_prefix_caching", True)),
+            prefix_caching=bool(self._spec.option("enable_prefix_caching", True)),
             constrained_choice=True,
             json_schema=True,
             max_model_len=config.model_config.max_model_len,
@@ -211,14 +255,19 @@ class VLLMEngine:
             block_size=config.cache_config.block_size,
             cache_tokens=_cache_tokens(config),
             choice_probabilities=True,  # from the first token's logprobs (distinct first tokens)
+            adapters=self._lora_mode is not False,  # None: LoRA is turned on when first used
         )
 
     def generate(self, batch: Sequence[Request], /) -> list[Response]:
         """Return exactly one Response per Request, in input order.
 
-        Requests that cannot run (prompt too long, invalid constraint) get a Response with
-        ``error`` set; the rest of the batch still runs.
+        Requests that cannot run (prompt too long, invalid constraint, an adapter whose
+        files cannot be served) get a Response with ``error`` set; the rest of the batch
+        still runs. Requests of several LoRA adapters and of the base model run in one vLLM
+        call; the first request with an adapter rebuilds an engine built without LoRA.
         """
+        if self._lost is not None:
+            raise BackendError(self._lost, backend=self.name)
         out: list[Response | None] = [None] * len(batch)
         runnable: list[int] = []
         prompts: list[list[int]] = []
@@ -230,6 +279,7 @@ class VLLMEngine:
             else:
                 runnable.append(i)
                 prompts.append(ids)
+        self._serve_lora([batch[i] for i in runnable])
         for i, resp in zip(runnable, self._run(prompts, [batch[i] for i in runnable]), strict=True):
             out[i] = resp
         return [r for r in out if r is not None]
@@ -248,10 +298,14 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Shut the engine's processes down."""
+        self._shutdown()
+
+    def _shutdown(self) -> None:
         llm = getattr(self, "_llm", None)
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
             del self._llm
+            gc.collect()  # an in-process engine frees its memory only when collected
 
     def _bench_eos(self, req: Request) -> Request:
         """With the ``ignore_eos`` option, free-text requests run to ``max_tokens`` (for
@@ -284,7 +338,33 @@ class VLLMEngine:
                 json.loads(req.json_schema)
             except ValueError as exc:
                 return f"json_schema is not valid JSON ({exc}); pass a JSON schema string"
+        if req.adapter is not None:
+            return lora_problem(req.adapter, self._lora_mode, self._loras)
         return None
+
+    def _serve_lora(self, reqs: Sequence[Request]) -> None:
+        """Make sure the engine serves the adapters of ``reqs`` (checked by :meth:`_check`):
+        rebuild it with LoRA, or with a larger ``max_lora_rank``, when it does not.
+
+        A rebuild reloads the model and drops the prefix cache (answers do not change);
+        the ``enable_lora`` option avoids it.
+        """
+        ranks = [self._loras.rank(r.adapter) for r in reqs if r.adapter is not None]
+        if not ranks or (self._lora_rank is not None and max(ranks) <= self._lora_rank):
+            return
+        lora = lora_kwargs(self._spec, max(ranks))
+        logger.warning("rebuilding the vLLM engine to serve LoRA adapters (%s); set the vllm "
+                       "option enable_lora=True (and max_lora_rank) to build it so at once",
+                       ", ".join(f"{k}={v}" for k, v in lora.items()))
+        self._shutdown()
+        try:
+            self._build(lora)
+        except Exception as exc:  # e.g. out of memory: this worker has no engine now
+            msg = (f"rebuilding the vLLM engine with LoRA failed ({exc}); start the backend "
+                   "with the vllm option enable_lora=True (and max_lora_rank, max_loras) so "
+                   "that it is built with LoRA at once")
+            self._lost = msg
+            raise BackendError(msg, backend=self.name) from exc
 
     def _run(self, prompts: list[list[int]], reqs: list[Request]) -> list[Response]:
         """Generate; if vLLM rejects the batch, retry one by one to isolate the culprit."""
@@ -308,9 +388,15 @@ class VLLMEngine:
                              _logprob_options(ids, by_id=self._token_logprobs))
             for r, first, ids in zip(reqs, firsts, scored, strict=True)
         ]
-        outs = self._llm.generate(
-            [TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False
-        )
+        loras = [self._loras.request(r.adapter) for r in reqs]
+        try:
+            outs = self._llm.generate(
+                [TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False,
+                **({"lora_request": loras} if any(loras) else {}),
+            )
+        except Exception:
+            self._abort_unfinished()
+            raise
         return [
             Response(
                 _choice_text(o.outputs[0], r, first),
@@ -321,6 +407,20 @@ class VLLMEngine:
             )
             for o, r, first, ids in zip(outs, reqs, firsts, scored, strict=True)
         ]
+
+    def _abort_unfinished(self) -> None:
+        """Drop the requests a failed ``generate`` left in the engine: ``LLM.generate``
+        aborts its requests when adding them fails, not when an engine step raises (e.g. an
+        adapter failing to load there), and the next ``generate`` would run them again.
+        """
+        engine = self._llm.llm_engine
+        states = getattr(getattr(engine, "output_processor", None), "request_states", None)
+        if not states:
+            return
+        try:
+            engine.abort_request(list(states), internal=True)
+        except TypeError:  # an older vLLM, whose request ids are all external
+            engine.abort_request(list(states))
 
     def _first_tokens(self, req: Request) -> tuple[int, ...] | None:
         """The choices' first token ids when they tell the choices apart (else None:

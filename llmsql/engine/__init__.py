@@ -44,7 +44,13 @@ random-weight configs):
   ``engine.timer = StepTimer()`` and every forward pass appends a ``StepTime`` (kind:
   prefix, prefill, decode or score; rows; new tokens ``Σl`` and ``Σl²``; context tokens
   ``ΣL_ctx``; seconds), the figures of the prefill ``A + B·Σl + C·Σl²`` and decode
-  ``α + β·B + γ·ΣL_ctx`` models.
+  ``α + β·B + γ·ΣL_ctx`` models. ``engine.after_pass`` (a callable or None) is called
+  with each pass's ``StepTime`` right after the pass, in the thread that ran it.
+- **Fine-tuning co-served with inference** (:mod:`llmsql.engine.finetune`, imported on
+  its own): ``attach_lora``, ``Trainer`` (AdamW on token sequences, in pieces, with
+  atomic checkpoints and resume) and ``CoServer`` (trains in the background while no
+  inference runs and, through ``after_pass``, fits a piece after each inference pass under
+  the time-per-token objective).
 
 A minimal run on random weights::
 

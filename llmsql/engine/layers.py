@@ -95,8 +95,9 @@ def run_layers(
     if position_ids is None:
         past = cache.get_seq_length(start) if cache is not None and start < count else 0
         position_ids = (torch.arange(hidden.shape[1], device=hidden.device) + past)[None]
-    types = _layer_types(model.config, count)
-    masks = _masks(model, hidden, attention_mask, cache, position_ids, types[start:stop], start)
+    types = layer_types(model.config, count)
+    masks = layer_masks(model, hidden, attention_mask, cache, position_ids, types[start:stop],
+                        start)
     rotary = base.rotary_emb(hidden, position_ids)
     for i in range(start, stop):
         hidden = base.layers[i](
@@ -106,12 +107,13 @@ def run_layers(
     return hidden
 
 
-def _layer_types(config: Any, count: int) -> list[str]:
+def layer_types(config: Any, count: int) -> list[str]:
+    """Each decoder layer's attention type (``config.layer_types``, else all full)."""
     types = getattr(config, "layer_types", None)
     return list(types) if types else ["full_attention"] * count
 
 
-def _masks(
+def layer_masks(
     model: PreTrainedModel,
     hidden: torch.Tensor,
     attention_mask: torch.Tensor | None,

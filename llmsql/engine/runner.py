@@ -48,6 +48,7 @@ import torch
 from llmsql.engine.choices import score_choices, score_margin
 from llmsql.engine.prefix import cached_counts, chunks, plan_prefix_groups
 from llmsql.engine.state import Rows, cat_columns, left_pad, long_tensor
+from llmsql.engine.timing import StepTimer
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
     from transformers import DynamicCache, PreTrainedModel
 
     from llmsql.engine.prefix import PrefixGroup
-    from llmsql.engine.timing import StepTimer
+    from llmsql.engine.timing import StepTime
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -139,6 +140,11 @@ class Engine:
             None (default: nothing is measured).
         canonical_reruns: Jobs answered again on the canonical path (a decision was nearly
             tied).
+        after_pass: Called with each forward pass's :class:`~llmsql.engine.timing.StepTime`
+            right after the pass, in the thread that ran it (under
+            ``torch.inference_mode()``), or None. Setting it times every pass (as ``timer``
+            does). The co-serving loop (:mod:`llmsql.engine.finetune.coserve`) runs
+            fine-tuning pieces from it.
     """
 
     def __init__(
@@ -172,6 +178,7 @@ class Engine:
         self.margin = margin
         self.timer = timer
         self.canonical_reruns = 0
+        self.after_pass: Callable[[StepTime], None] | None = None
 
     # ---------------------------------------------------------------- the batch
     def run(self, jobs: Sequence[Job], /) -> list[Generated | Scored]:
@@ -240,10 +247,15 @@ class Engine:
 
         ``kind`` labels the pass for the step timer (:data:`llmsql.engine.timing.KINDS`).
         """
-        if self.timer is None:
+        hook = self.after_pass
+        if self.timer is None and hook is None:
             return self._call(ids, mask, pos, cache, keep)
-        with self.timer.step(kind, mask[:, -ids.shape[1] :], mask):
-            return self._call(ids, mask, pos, cache, keep)
+        timer = self.timer if self.timer is not None else StepTimer()
+        with timer.step(kind, mask[:, -ids.shape[1] :], mask):
+            logits = self._call(ids, mask, pos, cache, keep)
+        if hook is not None:
+            hook(timer.steps[-1])
+        return logits
 
     def _call(
         self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: DynamicCache,

@@ -19,6 +19,7 @@ from llmsql.step.agg import run_agg
 from llmsql.step.llm_step import (
     KnownAnswers,
     StepEnv,
+    adapter_ref,
     answer_through_cache,
     bind,
     build_requests,
@@ -51,6 +52,7 @@ def run_call(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Table
 __all__ = [
     "KnownAnswers",
     "StepEnv",
+    "adapter_ref",
     "answer_through_cache",
     "bind",
     "build_requests",

@@ -24,12 +24,13 @@ import numpy as np
 import pyarrow as pa
 
 from llmsql.arrays import from_values, int64s, ints
-from llmsql.backends.base import BackendSpec, LLMBackend, Request, Response
+from llmsql.backends.base import AdapterRef, BackendSpec, LLMBackend, Request, Response
 from llmsql.cache import ResultCache, reproducible, request_key
 from llmsql.errors import (
     BackendError,
     BudgetExceeded,
     CallFailed,
+    ConfigError,
     ContextLengthError,
     QueryInterrupted,
 )
@@ -76,6 +77,9 @@ class StepEnv:
     """``null``: a prompt that failed for good gives NULL; ``fail``: the query stops."""
     budget: BudgetMeter | None = None
     """The query's budgets (None: unlimited)."""
+    adapters: dict[str, AdapterRef] = field(default_factory=dict)
+    """The LoRA adapters the query's calls name (``adapter => 'name'``), resolved by the
+    session from its catalog (status ready, same base model) before the query runs."""
 
 
 # ---- binding --------------------------------------------------------------------------------
@@ -101,7 +105,26 @@ def bind(call: LLMCall, table: pa.Table, /) -> PromptBatch:
 # ---- requests ---------------------------------------------------------------------------------
 
 
-def _request(call: LLMCall, prompt: str, backend: LLMBackend) -> Request:
+def adapter_ref(call: LLMCall, adapters: dict[str, AdapterRef], /) -> AdapterRef | None:
+    """The adapter ``call`` runs with (None: the base model).
+
+    Raises:
+        ConfigError: the call names an adapter the session did not resolve.
+    """
+    name = call.options.adapter
+    if name is None:
+        return None
+    ref = adapters.get(name)
+    if ref is None:
+        msg = (f"{call.where} names adapter {name!r}, but this step was not given it; "
+               "run the query through a session whose catalog has the adapter "
+               "(SHOW ADAPTERS lists them)")
+        raise ConfigError(msg)
+    return ref
+
+
+def _request(call: LLMCall, prompt: str, backend: LLMBackend,
+             adapter: AdapterRef | None = None) -> Request:
     """The request for one rendered prompt: the call's options, and the constraints its
     function's spec asks of this backend (its suffix appended to the prompt).
     """
@@ -116,17 +139,19 @@ def _request(call: LLMCall, prompt: str, backend: LLMBackend) -> Request:
         choices=c.choices,
         json_schema=c.json_schema,
         choice_probs=c.choice_probs,
+        adapter=adapter,
     )
 
 
-def build_requests(call: LLMCall, prompts: Sequence[str], backend: LLMBackend) -> list[Request]:
+def build_requests(call: LLMCall, prompts: Sequence[str], backend: LLMBackend,
+                   adapter: AdapterRef | None = None) -> list[Request]:
     """One request per prompt, as :func:`_request` builds it (the options the call's
-    requests share are worked out once).
+    requests share are worked out once); ``adapter``: the LoRA adapter they run with.
     """
-    r = _request(call, "", backend)
+    r = _request(call, "", backend, adapter)
     suffix = r.prompt
     return [Request(p + suffix, r.max_tokens, r.temperature, r.seed, r.choices, r.json_schema,
-                    r.ignore_eos, r.choice_probs) for p in prompts]
+                    r.ignore_eos, r.choice_probs, r.adapter) for p in prompts]
 
 
 def _memo_key(backend: LLMBackend, req: Request) -> tuple[Any, ...]:
@@ -137,7 +162,7 @@ def _memo_keys(backend: LLMBackend, reqs: Sequence[Request]) -> list[tuple[Any, 
     """The query memo's key of every request (the model identity asked once)."""
     model = backend.model_id()
     return [(model, r.max_tokens, r.temperature, r.seed, r.choices, r.json_schema,
-             r.choice_probs, r.prompt) for r in reqs]
+             r.choice_probs, r.adapter, r.prompt) for r in reqs]
 
 
 def _fit(call: LLMCall, prompt: str, values: Sequence[str], backend: LLMBackend,
@@ -181,7 +206,7 @@ def _answered(call: LLMCall, prompt: str, backend: LLMBackend, env: StepEnv) -> 
     """Whether ``prompt``, as it stands, has an answer in the query's memo or the result
     cache.
     """
-    req = _request(call, prompt, backend)
+    req = _request(call, prompt, backend, adapter_ref(call, env.adapters))
     return _memo_key(backend, req) in env.memo or bool(_cache_hits([req], backend, env.cache))
 
 
@@ -398,7 +423,7 @@ def _answer_prompts(
     edges = [*bounds, len(prompts)] if bounds else [0, len(prompts)]
     parse = _memo_parse(call.kind.spec.parse)
     try:
-        reqs = build_requests(call, prompts, backend)
+        reqs = build_requests(call, prompts, backend, adapter_ref(call, env.adapters))
         keys = _memo_keys(backend, reqs)
         hits = _cache_hits(reqs, backend, env.cache)
         if env.budget is not None:
@@ -492,7 +517,7 @@ def _needed_warmups(call: LLMCall, todo: Sequence[int], prompts: Sequence[str],
         return warm
     if env.cache is None and not env.memo:  # nothing answers a prompt: each one is sent
         return {i: warm[i] for i in todo if i in warm}
-    reqs = build_requests(call, prompts, backend)
+    reqs = build_requests(call, prompts, backend, adapter_ref(call, env.adapters))
     hits = _cache_hits(reqs, backend, env.cache)
     sent = {k for k, key in enumerate(_memo_keys(backend, reqs))
             if k not in hits and key not in env.memo}
@@ -574,7 +599,9 @@ def run_scalar(call: LLMCall, inputs: pa.Table, env: StepEnv, /) -> tuple[pa.Tab
         env.progress.start(len(prompts), call.where)
         t0 = time.perf_counter()
         bounds = _rebound(batch.batches, order, set(answers))
-        warm = _needed_warmups(call, todo, prompts, dict(batch.warmups), backend, env)
+        # a warm-up runs the base model: an adapter's prompts get nothing from it
+        warm = _needed_warmups(call, todo, prompts, dict(batch.warmups), backend, env
+                               ) if call.options.adapter is None else {}
         stepwise = call.stop_after is not None or bool(warm)
         chunks = _chunks(bounds, len(todo), stepwise)
 

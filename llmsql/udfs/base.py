@@ -62,6 +62,9 @@ class CallOptions:
     labels: tuple[str, ...] | None = None
     schema: tuple[SchemaField, ...] | None = None
     truncate: bool = False
+    adapter: str | None = None
+    """A LoRA adapter of the session's catalog to run the call with (``adapter =>
+    'name'``); None: the base model alone."""
 
     @property
     def volatility(self) -> Volatility:

@@ -35,9 +35,11 @@ if TYPE_CHECKING:
     from llmsql.backends.base import BackendSpec, Capabilities, Response
     from llmsql.moe.plan import OffloadStats
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 """Version of the wire format; 2 since the message classes moved to this module, 3 since a
-``generate`` reply is a :class:`Generated` (with its expert offload counters)."""
+``generate`` reply is a :class:`Generated` (with its expert offload counters), 4 since a
+:class:`~llmsql.backends.base.Request` carries its LoRA ``adapter`` (an older worker would
+unpickle it without, and answer with the base model)."""
 
 ADMIN_CALLS: frozenset[str] = frozenset({"metrics", "reset_prefix_cache"})
 """Engine methods that clients may call through :meth:`.client.WorkerClient.admin`."""

@@ -29,7 +29,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from llmsql.backends.base import BackendSpec, LLMBackend, Response
+from llmsql.backends.base import BackendSpec, LLMBackend, Request, Response
 from llmsql.backends.moe_glue import backend_moe_stats, stats_delta, stats_split
 from llmsql.backends.worker.protocol import (
     ADMIN_CALLS,
@@ -85,6 +85,29 @@ def build_engine(spec: BackendSpec, /) -> LLMBackend:
     module_name, cls_name = target.split(":")
     engine: LLMBackend = getattr(importlib.import_module(module_name), cls_name)(spec)
     return engine
+
+
+def generate_checked(engine: LLMBackend, batch: Sequence[Request], /) -> list[Response]:
+    """``engine.generate(batch)``, except that requests with a LoRA adapter get an error
+    Response when the engine cannot serve adapters (:attr:`Capabilities.adapters` False),
+    instead of being answered by the base model.
+    """
+    if engine.capabilities.adapters or all(r.adapter is None for r in batch):
+        return engine.generate(batch)
+    plain = [i for i, r in enumerate(batch) if r.adapter is None]
+    answers = engine.generate([batch[i] for i in plain]) if plain else []
+    if len(answers) != len(plain):
+        msg = f"engine returned {len(answers)} responses for {len(plain)} requests"
+        raise BackendError(msg, backend=engine.name)
+    out = dict(zip(plain, answers, strict=True))
+    return [out[i] if i in out else Response("", error=_no_adapters(engine, r))
+            for i, r in enumerate(batch)]
+
+
+def _no_adapters(engine: LLMBackend, req: Request) -> str:
+    name = req.adapter.name if req.adapter is not None else "?"
+    return (f"adapter {name!r}: the {engine.name} engine in this llmsql worker cannot serve "
+            "LoRA adapters; use the vllm or transformers backend for calls with adapter => ...")
 
 
 @dataclass(slots=True)
@@ -170,7 +193,7 @@ class _Server:
         batch = [r for job in group for r in job.args[0]]
         try:
             started = time.perf_counter()
-            out = self._engine.generate(batch)
+            out = generate_checked(self._engine, batch)
             with self._lock:
                 self._counters.engine_seconds += time.perf_counter() - started
             if len(out) != len(batch):

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from llmsql.engine.layers import embed, head, num_layers, run_layers
+from llmsql.engine.layers import decoder, embed, head, layer_masks, layer_types, num_layers
 from llmsql.errors import ConfigError, ExecutionError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import DynamicCache, PreTrainedModel
 
 IGNORE = -100
 """The label of a token that counts for no loss (transformers' convention)."""
@@ -121,9 +121,10 @@ class ChunkedStep:
             return 0
         with torch.enable_grad():
             hidden = embed(self.model, self.ids[:, start:start + count])
+            run = _LayerRunner(self.model, hidden, self._cache)
             for layer in range(self.layers):
                 x = hidden.detach().requires_grad_(layer > 0)
-                hidden = run_layers(self.model, x, layer, layer + 1, cache=self._cache)
+                hidden = run(layer, x)
                 self._inputs[layer].append(x)
                 self._outputs[layer].append(hidden)
             self._head(hidden, self.targets[:, start:start + count])
@@ -185,6 +186,34 @@ class ChunkedStep:
         while self.pending_backward_layers:
             self.backward_some(layers_per_step)
         return self.loss
+
+
+class _LayerRunner:
+    """Runs one chunk through decoder layers one at a time, with the chunk's positions,
+    attention masks and rotary embeddings computed once (what
+    :func:`~llmsql.engine.layers.run_layers` computes per call): every layer's cache holds
+    the same tokens before the chunk, so one set serves all layers. Saves a mask and a
+    rotary computation per layer per piece, which dominate a short piece's CPU time.
+    """
+
+    def __init__(self, model: PreTrainedModel, hidden: torch.Tensor,
+                 cache: DynamicCache | None) -> None:
+        self.base = decoder(model)
+        count = len(self.base.layers)
+        past = cache.get_seq_length(0) if cache is not None else 0
+        self.position_ids = (torch.arange(hidden.shape[1], device=hidden.device) + past)[None]
+        self.types = layer_types(model.config, count)
+        self.masks = layer_masks(model, hidden, None, cache, self.position_ids, self.types, 0)
+        self.rotary = self.base.rotary_emb(hidden, self.position_ids)
+        self.cache = cache
+
+    def __call__(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.base.layers[layer](
+            hidden, attention_mask=self.masks[self.types[layer]],
+            position_embeddings=self.rotary, position_ids=self.position_ids,
+            past_key_values=self.cache, use_cache=self.cache is not None,
+        )
+        return out
 
 
 def _one_row(ids: torch.Tensor) -> torch.Tensor:

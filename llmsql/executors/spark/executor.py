@@ -22,7 +22,9 @@ For each LLM call (see :mod:`llmsql.planner`):
    selectivity sample) and, under a budget, each partition's share of it. The output is
    persisted (memory and disk): a lost executor's partitions are recomputed from lineage, so
    no row is lost. One statistics row per partition comes back to the driver, with what the
-   task spent and any failure a retry would only repeat (which the driver raises).
+   task spent and any failure a retry would only repeat (which the driver raises). A call
+   with ``adapter =>`` also carries its LoRA adapter's files: executors may not see the
+   driver's folder (:mod:`llmsql.executors.spark.adapters`).
 5. **Lookup.** The answers become the temp view ``call.lookup``; the final query reads them.
 6. **Result.** The final query is checkpointed on the executors (:class:`SparkTable`) before
    the lookups are dropped: ``Result.spark()`` keeps working on it without re-running any
@@ -72,6 +74,7 @@ import llmsql.errors as errors
 from llmsql.backends.dry_run import DryRunBackend
 from llmsql.budget import Budget, Usage
 from llmsql.errors import ConfigError, ExecutionError, LLMSQLError, PlanError
+from llmsql.executors.spark.adapters import ship_adapters
 from llmsql.executors.spark.layout import (
     ORDINAL_COL,
     Layout,
@@ -101,7 +104,7 @@ from llmsql.executors.spark.worker import (
     restore_keys,
 )
 from llmsql.plan import ARG_PREFIX, GROUP_PREFIX, RESULT_COL, LLMCall, PromptBatch, QueryPlan
-from llmsql.step import StepEnv, known_answers, remember, result_type, run_call
+from llmsql.step import StepEnv, adapter_ref, known_answers, remember, result_type, run_call
 from llmsql.step.offload import offload_delta, offload_stats
 
 if TYPE_CHECKING:
@@ -510,7 +513,7 @@ class SparkExecutor:
         cache = str(env.cache.path) if env.cache is not None else None
         task = StepTask(call, spec, env.rule_ctx(DryRunBackend()), out, tz, lead,
                         env.on_error, cache_path=cache, known=known, budgets=budgets,
-                        price=price)
+                        price=price, adapters=ship_adapters([adapter_ref(call, env.adapters)]))
         return task, left
 
     def _settle(self, call: LLMCall, env: StepEnv, parts: list[dict[str, Any]],

@@ -73,6 +73,7 @@ from llmsql.errors import (
     ContextLengthError,
     LLMSQLError,
 )
+from llmsql.executors.spark.adapters import ShippedAdapter, adapter_root, local_refs
 from llmsql.plan import ARG_PREFIX, GROUP_PREFIX, RESULT_COL, LLMCall
 from llmsql.progress import NoProgress
 from llmsql.step import KnownAnswers, StepEnv, distinct_rows, remember, result_type, run_call
@@ -82,7 +83,7 @@ if TYPE_CHECKING:
     import subprocess
     from collections.abc import Iterator, Sequence
 
-    from llmsql.backends.base import BackendSpec, LLMBackend
+    from llmsql.backends.base import AdapterRef, BackendSpec, LLMBackend
     from llmsql.moe.plan import OffloadStats
     from llmsql.optimizer import RuleContext
     from llmsql.stats import CallStats
@@ -334,6 +335,9 @@ class StepTask:
     a partition past the end was estimated empty and gets a zero share."""
     price: Price | None = None
     """The call's model price (``max_cost_usd``)."""
+    adapters: tuple[ShippedAdapter, ...] = ()
+    """The LoRA adapter the call runs with (``adapter =>``), its files included: executors
+    may not see the driver's folder (see :mod:`.adapters`)."""
 
 
 REPORTED_ERRORS: tuple[type[LLMSQLError], ...] = (BudgetExceeded, CallFailed, ContextLengthError)
@@ -388,7 +392,7 @@ class _Attempt:
 
 def _env(spec: BackendSpec, rule_ctx: RuleContext, on_error: str, cache: ResultCache | None,
          budget: BudgetMeter | None, attach: _TaskClient | None = None,
-         ) -> tuple[StepEnv, LazyBackend]:
+         adapters: dict[str, AdapterRef] | None = None) -> tuple[StepEnv, LazyBackend]:
     """The step's environment on an executor.
 
     The worker is attached to lazily (by ``attach``): a partition answered entirely by the
@@ -404,17 +408,37 @@ def _env(spec: BackendSpec, rule_ctx: RuleContext, on_error: str, cache: ResultC
         on_error=on_error,
         cache=cache,
         budget=budget,
+        adapters=adapters or {},
     )
     return env, backend
 
 
+def task_adapters(adapters: Sequence[ShippedAdapter], /) -> dict[str, AdapterRef]:
+    """The step's adapters by name, each pointing at this host's copy of its files (written
+    on first need).
+
+    Raises:
+        BackendError: the copies cannot be written.
+    """
+    try:
+        return local_refs(adapters)
+    except OSError as exc:
+        msg = (f"cannot write LoRA adapter files under {adapter_root()} on executor host "
+               f"{socket.gethostname()} ({exc}); free disk space there")
+        raise BackendError(msg, backend="spark") from exc
+
+
 def _run(call: LLMCall, inputs: pa.Table, spec: BackendSpec, rule_ctx: RuleContext,
          on_error: str = "null", *, cache: ResultCache | None = None, known: KnownAnswers = (),
-         budget: BudgetMeter | None = None) -> _Attempt:
-    """``run_call`` on this executor's worker; one retry when the worker was lost."""
+         budget: BudgetMeter | None = None,
+         adapters: Sequence[ShippedAdapter] = ()) -> _Attempt:
+    """``run_call`` on this executor's worker (with this host's copies of ``adapters``); one
+    retry when the worker was lost.
+    """
+    refs = task_adapters(adapters)
     for attempt in (1, 2):
         attach = _TaskClient(spec)
-        env, backend = _env(spec, rule_ctx, on_error, cache, budget, attach)
+        env, backend = _env(spec, rule_ctx, on_error, cache, budget, attach, refs)
         if known:
             remember(call, backend.model_id(), known, env.known)
         try:
@@ -530,7 +554,7 @@ def _answer(task: StepTask, part: int, rows: int, inputs: pa.Table,
     failure: dict[str, Any] | None = None
     try:
         done = _run(task.call, inputs, task.spec, task.rule_ctx, task.on_error, cache=cache,
-                    known=task.known, budget=meter)
+                    known=task.known, budget=meter, adapters=task.adapters)
     except REPORTED_ERRORS as exc:
         failure = _failure(exc)
     finally:
@@ -589,6 +613,8 @@ class ColumnTask:
     rule_ctx: RuleContext
     time_zone: str
     result: pa.DataType
+    adapters: tuple[ShippedAdapter, ...] = ()
+    """The LoRA adapter the call runs with, its files included (as :attr:`StepTask.adapters`)."""
 
 
 def _row_keys(table: pa.Table) -> list[str]:
@@ -602,7 +628,7 @@ def answer_column(task: ColumnTask, arrays: Sequence[pa.Array]) -> pa.Array:
         pa.table({f"{ARG_PREFIX}{j}": a for j, a in enumerate(arrays)}), task.time_zone)
     keep = distinct_rows(table, table.column_names)
     uniq = table.take(pa.array(keep, type=pa.int64()))
-    lookup = _run(task.call, uniq, task.spec, task.rule_ctx).lookup
+    lookup = _run(task.call, uniq, task.spec, task.rule_ctx, adapters=task.adapters).lookup
     answers = dict(zip(_row_keys(lookup.drop_columns([RESULT_COL])),
                        lookup.column(RESULT_COL).to_pylist(), strict=True))
     values = [answers.get(k) for k in _row_keys(table)]
@@ -613,7 +639,7 @@ def answer_group(task: ColumnTask, arrays: Sequence[pa.Array]) -> Any:
     """Grouped-aggregate Arrow UDF body: one LLM_AGG answer for one group's rows."""
     table = local_timestamps(
         pa.table({f"{ARG_PREFIX}{j}": a for j, a in enumerate(arrays)}), task.time_zone)
-    lookup = _run(task.call, table, task.spec, task.rule_ctx).lookup
+    lookup = _run(task.call, table, task.spec, task.rule_ctx, adapters=task.adapters).lookup
     values = lookup.column(RESULT_COL).to_pylist()
     return values[0] if values else None
 
