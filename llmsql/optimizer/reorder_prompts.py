@@ -67,7 +67,9 @@ def reorder_prompts(batch: PromptBatch, ctx: RuleContext, /) -> PromptBatch:
         cols,
         [template.fields[j] for j in template.appended],
         instruction=template.instruction,
-        fixed_fields=template.order_is_fixed or len(cols) < 2,
+        # an adapter was trained on prompts with the written field order: keep it
+        fixed_fields=(template.order_is_fixed or len(cols) < 2
+                      or batch.call.options.adapter is not None),
         capacity_blocks=ctx.cache_blocks,
     )
     order = tuple(reps[k] for k in sol.rows)

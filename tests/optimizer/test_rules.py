@@ -63,6 +63,23 @@ def test_reorder_keeps_each_rows_fields_and_makes_groups_contiguous() -> None:
     assert firsts == sorted(firsts, key=firsts.index)  # each first line in one run
 
 
+def test_reorder_keeps_the_written_field_order_for_a_call_with_an_adapter() -> None:
+    """An adapter learned prompts in the written field order (training renders them through
+    these rules too): its calls order rows, never fields, whatever rows a batch holds."""
+    n = 60  # a short unique field first, a long shared one after it: worth swapping
+    d = dedup_prompts(batch_of([[f"review {i}" for i in range(n)],
+                                [f"Synopsis {i % 3}: " + "a long plot " * 20 for i in range(n)]],
+                               instruction="Recommend? Answer Yes or No."), RuleContext())
+    free = reorder_prompts(d, RuleContext())
+    assert any(free.field_order_of(i) not in (None, (0, 1))
+               for i in free.send_order())  # the check below can fail
+    call = dataclasses.replace(d.call, options=dataclasses.replace(d.call.options,
+                                                                   adapter="fresh"))
+    r = reorder_prompts(dataclasses.replace(d, call=call), RuleContext())
+    assert row_fields(r) == row_fields(d)
+    assert {r.field_order_of(i) for i in r.send_order()} <= {None, (0, 1)}
+
+
 def test_reorder_keeps_placeholder_field_order() -> None:
     b = batch_of([["x", "y", "x"], ["1", "2", "3"]], instruction="Rate {f1} then")
     r = reorder_prompts(b, RuleContext())
