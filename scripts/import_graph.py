@@ -24,7 +24,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundations", ("llmsql.errors", "llmsql.arrays", "llmsql.convert", "llmsql.version",
                      "llmsql.progress_notebook")),
     ("language", ("llmsql.dialect", "llmsql.parse", "llmsql.udfs")),
-    ("plan", ("llmsql.plan", "llmsql.planner", "llmsql.adapters")),
+    ("plan", ("llmsql.plan", "llmsql.planner", "llmsql.adapters", "llmsql.placement")),
     ("engine", ("llmsql.models", "llmsql.moe", "llmsql.engine")),
     ("backends", ("llmsql.backends", "llmsql.tokens")),
     ("services", ("llmsql.stats", "llmsql.cache", "llmsql.budget", "llmsql.progress",
