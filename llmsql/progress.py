@@ -10,8 +10,10 @@ from typing import Protocol, TextIO
 class Progress(Protocol):
     """What the engine reports while it works."""
 
-    def start(self, total: int, label: str, /) -> None:
-        """A new step with ``total`` prompts begins."""
+    def start(self, total: int, label: str, /, unit: str = "prompts") -> None:
+        """A new step with ``total`` prompts (or other ``unit``s, e.g. training steps)
+        begins; cache hits are shown for prompts only.
+        """
         ...
 
     def advance(self, n: int, tokens: int, cached: int | None, /) -> None:
@@ -28,7 +30,7 @@ class Progress(Protocol):
 class NoProgress:
     """Reports nothing."""
 
-    def start(self, total: int, label: str, /) -> None:  # noqa: D102
+    def start(self, total: int, label: str, /, unit: str = "prompts") -> None:  # noqa: D102
         pass
 
     def advance(self, n: int, tokens: int, cached: int | None, /) -> None:  # noqa: D102
@@ -46,15 +48,15 @@ class TerminalProgress:
         self._min = min_interval
         self._reset(0, "")
 
-    def _reset(self, total: int, label: str) -> None:
-        self._total, self._label, self._done = total, label, 0
+    def _reset(self, total: int, label: str, unit: str = "prompts") -> None:
+        self._total, self._label, self._done, self._unit = total, label, 0, unit
         self._tokens = self._cached = 0
         self._unknown = False
         self._t0 = self._last = time.monotonic()
 
-    def start(self, total: int, label: str, /) -> None:  # noqa: D102
+    def start(self, total: int, label: str, /, unit: str = "prompts") -> None:  # noqa: D102
         self._finish_line()
-        self._reset(total, label)
+        self._reset(total, label, unit)
         self._draw(force=True)
 
     def advance(self, n: int, tokens: int, cached: int | None, /) -> None:  # noqa: D102
@@ -73,9 +75,10 @@ class TerminalProgress:
         rate = self._tokens / el
         hit = f" cache {100 * self._cached / self._tokens:.0f}%" if self._tokens else ""
         hit = " cache not reported" if self._unknown else hit
+        hit = hit if self._unit == "prompts" else ""
         left = (self._total - self._done) * el / self._done if self._done else 0.0
         self._out.write(
-            f"\r{self._label}: {self._done}/{self._total} prompts, {rate:,.0f} tok/s{hit}, "
+            f"\r{self._label}: {self._done}/{self._total} {self._unit}, {rate:,.0f} tok/s{hit}, "
             f"ETA {left:,.0f}s   "
         )
         self._out.flush()

@@ -36,11 +36,15 @@ class BarState:
     """Prompt tokens from the engine's cache (None: the backend did not say)."""
     elapsed: float
     finished: bool = False
+    unit: str = "prompts"
+    """What ``done`` and ``total`` count (cache hits are shown for prompts only)."""
 
     def figures(self) -> str:
         """``3/10 prompts, 1,234 tok/s, cache 45%, ETA 3s`` (or the time taken when done)."""
         rate = self.tokens / max(self.elapsed, 1e-9)
-        if self.cached is None:
+        if self.unit != "prompts":
+            hit = ""
+        elif self.cached is None:
             hit = ", cache not reported"
         else:
             hit = f", cache {100 * self.cached / self.tokens:.0f}%" if self.tokens else ""
@@ -49,7 +53,7 @@ class BarState:
         else:
             left = (self.total - self.done) * self.elapsed / self.done if self.done else None
             tail = f", ETA {left:,.0f}s" if left is not None else ", ETA -"
-        return f"{self.done}/{self.total} prompts, {rate:,.0f} tok/s{hit}{tail}"
+        return f"{self.done}/{self.total} {self.unit}, {rate:,.0f} tok/s{hit}{tail}"
 
     def _repr_html_(self) -> str:
         return (
@@ -78,8 +82,8 @@ class NotebookProgress:
         self._handle: Any = None
         self._reset(0, "")
 
-    def _reset(self, total: int, label: str) -> None:
-        self._total, self._label, self._done = total, label, 0
+    def _reset(self, total: int, label: str, unit: str = "prompts") -> None:
+        self._total, self._label, self._done, self._unit = total, label, 0, unit
         self._tokens = 0
         self._cached: int | None = 0
         self._t0 = self._last = time.monotonic()
@@ -87,12 +91,14 @@ class NotebookProgress:
     def state(self, *, finished: bool = False) -> BarState:
         """The current figures."""
         return BarState(self._label, self._done, self._total, self._tokens, self._cached,
-                        time.monotonic() - self._t0, finished)
+                        time.monotonic() - self._t0, finished, self._unit)
 
-    def start(self, total: int, label: str, /) -> None:
-        """A new step: finish the previous bar and start a new one."""
+    def start(self, total: int, label: str, /, unit: str = "prompts") -> None:
+        """A new step: finish the previous bar and start a new one (``unit``: what it
+        counts).
+        """
         self._finish()
-        self._reset(total, label)
+        self._reset(total, label, unit)
         show = self._display
         if show is None:
             from IPython.display import display as show

@@ -175,6 +175,30 @@ def test_notebook_progress_reports_rate_cache_and_eta() -> None:
     assert "<progress" in last._repr_html_() and "tok/s" in last._repr_html_()
 
 
+def test_progress_of_training_steps_counts_steps_and_shows_no_cache() -> None:
+    """CREATE ADAPTER's bar counts optimizer steps: no "prompts", no cache figure."""
+    import io
+
+    from llmsql.progress import TerminalProgress
+
+    shown: list[BarState] = []
+    bar = NotebookProgress(min_interval=0.0,
+                           display=lambda obj, display_id: (shown.append(obj), Handle(shown))[1])
+    bar.start(10, "CREATE ADAPTER fresh", unit="steps")
+    bar.advance(3, 500, None)
+    bar.close()
+    assert "3/10 steps" in repr(shown[-1]) and "cache" not in repr(shown[-1])
+    out = io.StringIO()
+    term = TerminalProgress(out, min_interval=0.0)
+    term.start(10, "CREATE ADAPTER fresh", unit="steps")
+    term.advance(10, 500, None)
+    term.close()
+    assert "10/10 steps" in out.getvalue() and "cache" not in out.getvalue()
+    term.start(2, "LLM(...)")  # a query's bar after it still counts prompts and the cache
+    term.advance(2, 100, 50)
+    assert "2/2 prompts" in out.getvalue() and "cache 50%" in out.getvalue()
+
+
 def test_auto_progress_outside_jupyter() -> None:
     assert not in_notebook()
     assert isinstance(auto_progress(False), NoProgress)

@@ -154,7 +154,7 @@ class AdapterRuns:
             run.thread.start()
             return show_table([self.catalog.get(stmt.name)])
         try:
-            _wait_with_bar(run.handle, progress, f"CREATE ADAPTER {stmt.name} (steps)")
+            _wait_with_bar(run.handle, progress, f"CREATE ADAPTER {stmt.name}")
         except KeyboardInterrupt:
             self._interrupt(run, "interrupted (Ctrl-C)")
             raise
@@ -283,7 +283,7 @@ def _wait_with_bar(handle: TrainHandle, progress: Progress, label: str) -> None:
         finished = handle.done()
         p = handle.progress()
         if not started and p.steps:
-            progress.start(p.steps, label)
+            progress.start(p.steps, label, unit="steps")
             started = True
         if started and p.step > shown:
             progress.advance(p.step - shown, p.tokens - tokens, None)
