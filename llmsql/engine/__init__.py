@@ -40,6 +40,9 @@ random-weight configs):
   workers): ``run_layers(model, hidden, i, j, position_ids=, attention_mask=, cache=)`` runs
   decoder layers ``i..j-1`` on given hidden states; with ``embed(model, ids)`` and
   ``head(model, hidden)`` (final norm and LM head) the pieces compose to the full forward.
+- **Split across processes** (:mod:`~llmsql.engine.split`, imported on its own):
+  ``SplitGenerator(model, k, SplitServer(source))`` runs layers ``[0, k)`` here and the rest
+  in a server process on 127.0.0.1, giving the unsplit model's greedy tokens.
 - **Step times** (:mod:`~llmsql.engine.timing`, for a fitted cost model): set
   ``engine.timer = StepTimer()`` and every forward pass appends a ``StepTime`` (kind:
   prefix, prefill, decode or score; rows; new tokens ``Σl`` and ``Σl²``; context tokens
