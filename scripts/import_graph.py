@@ -22,7 +22,7 @@ PACKAGE = ROOT / "llmsql"
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundations", ("llmsql.errors", "llmsql.arrays", "llmsql.convert", "llmsql.version",
-                     "llmsql.progress_notebook")),
+                     "llmsql.files", "llmsql.progress_notebook")),
     ("language", ("llmsql.dialect", "llmsql.parse", "llmsql.udfs")),
     ("plan", ("llmsql.plan", "llmsql.planner", "llmsql.adapters", "llmsql.placement")),
     ("engine", ("llmsql.models", "llmsql.moe", "llmsql.engine")),

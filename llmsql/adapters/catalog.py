@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from llmsql.adapters.options import LoraOptions, lora_options_from_json
 from llmsql.adapters.statements import NAME
 from llmsql.errors import ConfigError, ExecutionError, PlanError
+from llmsql.files import fsync_path
 from llmsql.udfs.base import CallOptions, SchemaField
 
 if TYPE_CHECKING:
@@ -307,7 +308,7 @@ class AdapterCatalog:
             return False
         record = self.get(name)
         self.record_path(name).unlink()
-        _fsync_dir(self.folder)
+        fsync_path(self.folder)
         weights = Path(record.path)
         if weights.resolve().parent == self.folder.resolve():
             shutil.rmtree(weights, ignore_errors=True)
@@ -385,18 +386,11 @@ def write_atomic(path: Path, data: bytes, /, *, overwrite: bool) -> None:
             os.replace(tmp, path)
         else:
             os.link(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
 
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_name(name: str) -> None:

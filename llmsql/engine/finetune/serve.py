@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from llmsql.errors import ConfigError, ExecutionError
+from llmsql.files import fsync_path
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -394,8 +395,8 @@ def save_adapter(model: nn.Module, name: str, out_dir: str | os.PathLike[str], /
         _write_config(config, tmp / CONFIG_FILE, base_model)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         for file in (CONFIG_FILE, WEIGHTS_FILE):
-            _fsync(tmp / file)
-        _fsync(tmp)
+            fsync_path(tmp / file)
+        fsync_path(tmp)
         digest = file_digest(tmp / WEIGHTS_FILE)
         _replace_dir(tmp, target)
         tmp = None
@@ -419,13 +420,6 @@ def _write_config(config: Any, path: Path, base_model: str | None) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _replace_dir(new: Path, target: Path) -> None:
     """Rename folder ``new`` to ``target``; an existing ``target`` is moved aside first and
@@ -436,6 +430,6 @@ def _replace_dir(new: Path, target: Path) -> None:
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
         os.replace(target, old / "x")
     os.replace(new, target)
-    _fsync(target.parent)
+    fsync_path(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -54,6 +54,7 @@ import torch
 from llmsql.engine.finetune.step import IGNORE, ChunkedStep
 from llmsql.engine.layers import num_layers
 from llmsql.errors import ConfigError, ExecutionError
+from llmsql.files import fsync_path
 
 if TYPE_CHECKING:
     import threading
@@ -452,7 +453,7 @@ def _atomic_save(state: dict[str, Any], folder: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, final)
         tmp = None
-        _fsync_dir(folder)
+        fsync_path(folder)
     except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
         msg = (f"writing the training checkpoint into {folder} failed ({exc}); the previous "
                "checkpoint is kept; free disk space or pass another checkpoint_dir")
@@ -462,10 +463,3 @@ def _atomic_save(state: dict[str, Any], folder: str) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

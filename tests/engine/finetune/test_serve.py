@@ -200,7 +200,7 @@ def test_a_failed_save_leaves_the_previous_adapter(tmp_path: Path,
     def disk_full(path: Path) -> None:
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(serve, "_fsync", disk_full)  # the write fails as on a full disk
+    monkeypatch.setattr(serve, "fsync_path", disk_full)  # the write fails as on a full disk
     with pytest.raises(ExecutionError, match=f"writing adapter 't' to {target}.*free disk"):
         bank.save("t", target)
     assert file_digest(target / WEIGHTS_FILE) == first
